@@ -1,0 +1,147 @@
+//! `#[repr(C)]` values of the BPF maps and the constants both sides agree on.
+//!
+//! All counters are `i64` bytes so they can be updated with 64-bit BPF atomics; they are naturally
+//! aligned because every field is 8 bytes wide (or a pair of `u32`s).
+
+/// `kmem:rss_stat` `member` values (`enum { MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES }`).
+pub const MM_FILEPAGES: usize = 0;
+pub const MM_ANONPAGES: usize = 1;
+pub const MM_SWAPENTS: usize = 2;
+pub const MM_SHMEMPAGES: usize = 3;
+/// Number of `rss_stat` members.
+pub const NR_MEMBERS: usize = 4;
+
+/// Map names, as the BPF object exports them.
+pub const MAP_TASKS: &str = "TASKS";
+pub const MAP_MMS: &str = "MMS";
+pub const MAP_TREES: &str = "TREES";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Capacity of the maps. Tasks and mms are preallocated hash maps: a full map is counted
+/// ([`Counter::TasksFull`], [`Counter::MmsFull`]) and makes the affected result inexact.
+pub const MAX_TASKS: u32 = 65_536;
+pub const MAX_MMS: u32 = 65_536;
+/// Trees are slots of an array map (an array lookup is inlined by the verifier: cheaper than a hash
+/// lookup on the `rss_stat` hot path). Userspace owns slot allocation.
+pub const MAX_TREES: u32 = 1_024;
+
+/// Value of `TASKS` (key: host tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskState {
+    /// Slot in `TREES` of the tree this task belongs to.
+    pub tree: u32,
+    /// `TASK_*` flags.
+    pub flags: u32,
+}
+
+/// The task was registered by userspace before its `execve`: its current address space is a copy of
+/// the tracer's and must not be counted. Binding starts at its `sched_process_exec`.
+pub const TASK_PENDING_EXEC: u32 = 1;
+
+/// Value of `MMS` (key: `rss_stat` `mm_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmState {
+    /// Slot in `TREES` of the tree this address space is counted in.
+    pub tree: u32,
+    /// tgid of the process last seen running on this mm (`curr = 1`), 0 if none yet. Lets the hot path
+    /// tell its own process from a stranger whose mm got the same (recycled or colliding) `mm_id`
+    /// without a second map lookup.
+    pub owner_tgid: u32,
+    /// Last `size` seen for each member, in bytes (`rss_stat` reports absolute values, not deltas).
+    pub last: [i64; NR_MEMBERS],
+    /// file + anon + shmem of this mm.
+    pub rss: i64,
+    /// Peak of `rss`.
+    pub peak: i64,
+}
+
+/// Value of `TREES` (index: slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeState {
+    /// Live total of file + anon + shmem over every mm of the tree, in bytes.
+    pub rss: i64,
+    /// Peak of `rss`.
+    pub peak: i64,
+    /// Live value of each member summed over the tree.
+    pub members: [i64; NR_MEMBERS],
+    /// `members` as read right after the event that set `peak`.
+    pub peak_members: [i64; NR_MEMBERS],
+    /// Peak of `members[MM_SWAPENTS]` (swap is not resident, so it is reported apart).
+    pub swap_peak: i64,
+    /// Tracked tasks (threads included) alive now.
+    pub live_tasks: i64,
+    /// Processes (thread-group leaders) of the tree that have exited.
+    pub exited_processes: i64,
+    /// Address spaces bound to the tree so far.
+    pub mms_bound: i64,
+}
+
+/// Indices of the per-CPU `COUNTERS` array: things that can make a result wrong, and statistics.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An mm could not be bound because `MMS` was full: its memory is missing from its tree.
+    MmsFull = 0,
+    /// A forked task could not be tracked because `TASKS` was full.
+    TasksFull = 1,
+    /// `rss_stat` reported a negative size (kernels with split RSS counting); clamped to 0.
+    NegativeSize = 2,
+    /// A tree total went below zero: it saw frees of memory it never saw allocated.
+    TreeNegative = 3,
+    /// A running process that is not tracked emitted `curr = 1` on a bound `mm_id` (id recycled after a
+    /// missed teardown, or a hash collision); its event was ignored.
+    ForeignMm = 4,
+    /// The peak compare-and-swap loop gave up under contention; a peak may be a few pages low.
+    PeakContention = 5,
+    /// A map entry pointed at a tree slot outside `TREES`.
+    BadTreeSlot = 6,
+    /// `rss_stat` events applied to a tracked tree (statistic, not an error).
+    EventsApplied = 7,
+}
+
+/// Number of `COUNTERS` entries.
+pub const NR_COUNTERS: u32 = 8;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; NR_COUNTERS as usize] = [
+        Counter::MmsFull,
+        Counter::TasksFull,
+        Counter::NegativeSize,
+        Counter::TreeNegative,
+        Counter::ForeignMm,
+        Counter::PeakContention,
+        Counter::BadTreeSlot,
+        Counter::EventsApplied,
+    ];
+
+    /// Whether a change of this counter during a run means the run's numbers may be wrong.
+    pub const fn makes_inexact(self) -> bool {
+        !matches!(self, Counter::EventsApplied)
+    }
+
+    /// Stable machine name used in reports (`inexact_reasons`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::MmsFull => "mm_map_full",
+            Counter::TasksFull => "task_map_full",
+            Counter::NegativeSize => "negative_rss_size",
+            Counter::TreeNegative => "tree_total_negative",
+            Counter::ForeignMm => "foreign_mm_id",
+            Counter::PeakContention => "peak_update_contention",
+            Counter::BadTreeSlot => "bad_tree_slot",
+            Counter::EventsApplied => "events_applied",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers with no padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::TaskState {}
+    unsafe impl aya::Pod for super::MmState {}
+    unsafe impl aya::Pod for super::TreeState {}
+}

@@ -1,0 +1,29 @@
+//! Command-line options.
+
+use clap::{Parser, Subcommand};
+use std::{ffi::OsString, path::PathBuf};
+
+/// Exact peak memory (RSS) of a whole process tree, measured in the kernel with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD as a tracked process tree and report the peak of its summed RSS.
+    ///
+    /// Prints one line on stderr when CMD ends (`✔  CMD (2.5s) (peak: 256MB)`) and exits with CMD's
+    /// status (128+N if it was killed by signal N; 127 not found; 126 not executable; 125 when tracer
+    /// itself could not run it).
+    Run {
+        /// Also write the JSON report to FILE (`-` for stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+}

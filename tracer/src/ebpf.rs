@@ -1,0 +1,279 @@
+//! The eBPF backend: loads tracer's kernel programs and keeps per-tree peaks in their maps.
+
+use crate::{
+    error::{LoadError, TrackError},
+    kernel::{self, Kernel},
+    report::{PeakBreakdown, TreeSample},
+    tracefs,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::TracePoint,
+};
+use std::collections::HashMap as StdHashMap;
+use tracer_common::{
+    Counter, MAP_COUNTERS, MAP_MMS, MAP_TASKS, MAP_TREES, MAX_TREES, MM_ANONPAGES, MM_FILEPAGES,
+    MM_SHMEMPAGES, MmState, NR_COUNTERS, TASK_PENDING_EXEC, TaskState, TreeState, format,
+};
+
+/// The BPF object, built from `tracer-ebpf` by build.rs.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
+
+/// Programs and the tracepoints they attach to.
+const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("rss_stat", "kmem", "rss_stat"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Identifies one tracked tree (a slot in the `TREES` map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TreeId(u32);
+
+struct ActiveTree {
+    counters_at_start: [u64; NR_COUNTERS as usize],
+}
+
+/// Loaded and attached BPF programs and their maps. Each tracker has its own maps, so several tracers
+/// on one host never see each other's trees.
+pub struct EbpfTracker {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    tasks: HashMap<MapData, u32, TaskState>,
+    mms: HashMap<MapData, u32, MmState>,
+    trees: Array<MapData, TreeState>,
+    counters: PerCpuArray<MapData, u64>,
+    active: StdHashMap<u32, ActiveTree>,
+    next_slots: Vec<u32>,
+    kernel: Kernel,
+}
+
+impl EbpfTracker {
+    /// Checks privileges and tracepoint layouts, then loads and attaches the programs.
+    pub fn load() -> Result<EbpfTracker, LoadError> {
+        let kernel = Kernel::current();
+        kernel::check_privileges()?;
+        kernel.check_supported()?;
+        let tracefs = tracefs::root()?;
+        let rss_stat = tracefs::format(&tracefs, "kmem", "rss_stat").map_err(|err| match err {
+            LoadError::MissingTracepoint { event } => {
+                LoadError::MissingTracepointOnKernel { event, kernel: kernel.release.clone() }
+            }
+            other => other,
+        })?;
+        for (field, offset, size) in format::RSS_STAT_FIELDS {
+            let found = rss_stat.offset(field, size)?;
+            if found != offset {
+                return Err(LoadError::FormatMismatch {
+                    event: "kmem:rss_stat".into(),
+                    detail: format!("field `{field}` at offset {found}, the program reads {offset}"),
+                });
+            }
+        }
+        let fork = tracefs::format(&tracefs, "sched", "sched_process_fork")?;
+        let exec = tracefs::format(&tracefs, "sched", "sched_process_exec")?;
+        let exit = tracefs::format(&tracefs, "sched", "sched_process_exit")?;
+        let offsets = [
+            (format::GLOBAL_FORK_PARENT_PID, fork.offset("parent_pid", 4)?),
+            (format::GLOBAL_FORK_CHILD_PID, fork.offset("child_pid", 4)?),
+            (format::GLOBAL_EXEC_PID, exec.offset("pid", 4)?),
+            (format::GLOBAL_EXEC_OLD_PID, exec.offset("old_pid", 4)?),
+            (format::GLOBAL_EXIT_PID, exit.offset("pid", 4)?),
+        ]
+        .map(|(name, offset)| (name, offset as u32));
+
+        let mut loader = EbpfLoader::new();
+        // No CO-RE relocations in the object: skip relocating against kernel BTF.
+        loader.btf(None);
+        for (name, offset) in &offsets {
+            loader.override_global(name, offset, true);
+        }
+        let mut ebpf = loader.load(BPF_OBJECT).map_err(LoadError::Object)?;
+        for (program, category, name) in PROGRAMS {
+            attach(&mut ebpf, program, category, name)?;
+        }
+        let tasks = HashMap::try_from(take_map(&mut ebpf, MAP_TASKS)?).map_err(map_type(MAP_TASKS))?;
+        let mms = HashMap::try_from(take_map(&mut ebpf, MAP_MMS)?).map_err(map_type(MAP_MMS))?;
+        let trees = Array::try_from(take_map(&mut ebpf, MAP_TREES)?).map_err(map_type(MAP_TREES))?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?).map_err(map_type(MAP_COUNTERS))?;
+        Ok(EbpfTracker {
+            _ebpf: ebpf,
+            tasks,
+            mms,
+            trees,
+            counters,
+            active: StdHashMap::new(),
+            next_slots: (0..MAX_TREES).rev().collect(),
+            kernel,
+        })
+    }
+
+    /// The kernel this tracker runs on.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Starts a tree at `pid`, a process that has not yet called `execve` (see `spawn`): its current
+    /// address space (a copy of the tracer's) is not counted, everything from its exec on is, and so is
+    /// every task it creates.
+    pub fn track_before_exec(&mut self, pid: u32) -> Result<TreeId, TrackError> {
+        let slot = self.next_slots.pop().ok_or(TrackError::TooManyTrees(MAX_TREES))?;
+        let tree = TreeState { live_tasks: 1, ..TreeState::default() };
+        let task = TaskState { tree: slot, flags: TASK_PENDING_EXEC };
+        let registered = self
+            .trees
+            .set(slot, tree, 0)
+            .map_err(map_err(MAP_TREES, "reset"))
+            .and_then(|()| self.tasks.insert(pid, task, 0).map_err(map_err(MAP_TASKS, "insert")));
+        if let Err(err) = registered {
+            self.next_slots.push(slot);
+            return Err(err);
+        }
+        let counters_at_start = self.counter_totals();
+        self.active.insert(slot, ActiveTree { counters_at_start });
+        Ok(TreeId(slot))
+    }
+
+    /// The tree's numbers so far.
+    pub fn peek(&self, id: TreeId) -> Result<TreeSample, TrackError> {
+        let active = self.active.get(&id.0).ok_or(TrackError::UnknownTree(id.0))?;
+        let tree = self.trees.get(&id.0, 0).map_err(map_err(MAP_TREES, "lookup"))?;
+        let mut reasons = Vec::new();
+        if !self.kernel.has_exact_rss_counters() {
+            reasons.push(format!(
+                "kernel {} < 6.2 batches RSS counter updates per thread (SPLIT_RSS_COUNTING): \
+                 the peak is approximate",
+                self.kernel.release
+            ));
+        }
+        let now = self.counter_totals();
+        for counter in Counter::ALL.into_iter().filter(|c| c.makes_inexact()) {
+            let moved = now[counter as usize] - active.counters_at_start[counter as usize];
+            if moved > 0 {
+                reasons.push(format!("{}: {moved} event(s) while tracking", counter.name()));
+            }
+        }
+        Ok(sample(&tree, reasons))
+    }
+
+    /// Ends tracking of a tree: returns its final numbers and removes every map entry it still has
+    /// (tasks still running, address spaces not yet torn down), so nothing of it leaks into a later
+    /// tree that gets the same slot, pid or `mm_id`.
+    pub fn stop_tracking(&mut self, id: TreeId) -> Result<TreeSample, TrackError> {
+        let mut sample = self.peek(id)?;
+        let slot = id.0;
+        let leftover_tasks: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, task)| task.tree == slot)
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in &leftover_tasks {
+            // A task may exit (and remove itself) between the scan and here.
+            let _ = self.tasks.remove(tid);
+        }
+        sample.processes += leftover_tasks.iter().filter(|&&tid| is_process_leader(tid)).count() as u64;
+        sample.still_running = leftover_tasks.len() as u64;
+        let leftover_mms: Vec<u32> = self
+            .mms
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, mm)| mm.tree == slot)
+            .map(|(mm_id, _)| mm_id)
+            .collect();
+        for mm_id in &leftover_mms {
+            let _ = self.mms.remove(mm_id);
+        }
+        if leftover_tasks.is_empty() && sample.rss_bytes != 0 {
+            // Every task exited, so every address space should have been torn down to zero.
+            sample.inexact_reasons.push(format!(
+                "unbalanced_teardown: {} bytes still counted after every process exited",
+                sample.rss_bytes
+            ));
+            sample.exact = false;
+        }
+        self.trees
+            .set(slot, TreeState::default(), 0)
+            .map_err(map_err(MAP_TREES, "reset"))?;
+        self.active.remove(&slot);
+        self.next_slots.push(slot);
+        Ok(sample)
+    }
+
+    /// Entries in the task and mm maps belonging to any tree (for tests and diagnostics).
+    pub fn map_entries(&self) -> (usize, usize) {
+        (self.tasks.keys().count(), self.mms.keys().count())
+    }
+
+    /// Sum over CPUs of every counter.
+    fn counter_totals(&self) -> [u64; NR_COUNTERS as usize] {
+        let mut totals = [0; NR_COUNTERS as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(index as u32), 0) {
+                *total = values.iter().sum();
+            }
+        }
+        totals
+    }
+}
+
+fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {
+    let bytes = |value: i64| value.max(0) as u64;
+    TreeSample {
+        rss_bytes: tree.rss,
+        peak_rss_bytes: bytes(tree.peak),
+        peak_breakdown: PeakBreakdown {
+            anon_bytes: bytes(tree.peak_members[MM_ANONPAGES]),
+            file_bytes: bytes(tree.peak_members[MM_FILEPAGES]),
+            shmem_bytes: bytes(tree.peak_members[MM_SHMEMPAGES]),
+        },
+        peak_swap_bytes: bytes(tree.swap_peak),
+        processes: bytes(tree.exited_processes),
+        still_running: bytes(tree.live_tasks),
+        exact: inexact_reasons.is_empty(),
+        inexact_reasons,
+    }
+}
+
+fn is_process_leader(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Tgid:"))
+                .and_then(|tgid| tgid.trim().parse::<u32>().ok())
+        })
+        == Some(tid)
+}
+
+fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), LoadError> {
+    let error = |source| LoadError::Program { program: program.to_string(), source };
+    let tracepoint: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::Program {
+            program: program.to_string(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(error)?;
+    tracepoint.load().map_err(error)?;
+    tracepoint.attach(category, name).map_err(error)?;
+    Ok(())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+    ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+}
+
+fn map_type(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::MapType { name, source }
+}
+
+fn map_err(map: &'static str, action: &'static str) -> impl FnOnce(aya::maps::MapError) -> TrackError {
+    move |source| TrackError::Map { map, action, source }
+}
