@@ -13,8 +13,15 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().context("tracer crate has no parent dir")?;
-    for dir in ["tracer-ebpf/src", "tracer-ebpf/Cargo.toml", "tracer-common/src", "tracer-common/Cargo.toml"] {
+    let workspace = manifest_dir
+        .parent()
+        .context("tracer crate has no parent dir")?;
+    for dir in [
+        "tracer-ebpf/src",
+        "tracer-ebpf/Cargo.toml",
+        "tracer-common/src",
+        "tracer-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -38,12 +45,19 @@ fn main() -> anyhow::Result<()> {
         .current_dir(workspace)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
     // The outer (stable) build's settings must not leak into the nightly BPF build.
-    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO", "RUSTUP_TOOLCHAIN"] {
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
         cargo.env_remove(key);
     }
-    let status = cargo.status().with_context(|| {
-        "running `rustup run nightly cargo build` for the BPF object (is rustup installed?)"
-    })?;
+    let status = cargo.status().with_context(
+        || "running `rustup run nightly cargo build` for the BPF object (is rustup installed?)",
+    )?;
     if !status.success() {
         bail!(
             "building the BPF object failed ({status}). It needs the nightly toolchain with rust-src and \

@@ -1,1 +1,1 @@
-//! Shared helpers for the integration tests live here later.
+//! The ground-truth workloads are binaries (`src/bin`); the harness lives in `tests/common`.

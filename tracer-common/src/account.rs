@@ -121,7 +121,10 @@ mod tests {
 
     impl Sim {
         fn new(mms: usize) -> Self {
-            Sim { tree: TreeState::default(), mms: std::vec![MmState::default(); mms] }
+            Sim {
+                tree: TreeState::default(),
+                mms: std::vec![MmState::default(); mms],
+            }
         }
         fn event(&mut self, mm: usize, member: usize, size: i64) -> Outcome {
             unsafe { apply_rss_event(&mut self.mms[mm], &mut self.tree, member, size) }
@@ -275,6 +278,9 @@ mod tests {
         let last = sim.mms[0].last[MM_ANONPAGES];
         assert_eq!(sim.tree.rss, last, "tree total equals the last size stored");
         assert!(sim.tree.peak >= last && sim.tree.peak <= 64 * MIB);
-        assert!(64 * MIB - last < 4 * 4096, "out-of-order tail is a few pages at most");
+        assert!(
+            64 * MIB - last < 4 * 4096,
+            "out-of-order tail is a few pages at most"
+        );
     }
 }

@@ -186,7 +186,10 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let tree_slot = unsafe { (*task).tree };
-    let child_state = TaskState { tree: tree_slot, flags: 0 };
+    let child_state = TaskState {
+        tree: tree_slot,
+        flags: 0,
+    };
     if TASKS.insert(child, child_state, 0).is_err() {
         count(Counter::TasksFull);
         return 0;

@@ -58,9 +58,10 @@ impl EbpfTracker {
         kernel.check_supported()?;
         let tracefs = tracefs::root()?;
         let rss_stat = tracefs::format(&tracefs, "kmem", "rss_stat").map_err(|err| match err {
-            LoadError::MissingTracepoint { event } => {
-                LoadError::MissingTracepointOnKernel { event, kernel: kernel.release.clone() }
-            }
+            LoadError::MissingTracepoint { event } => LoadError::MissingTracepointOnKernel {
+                event,
+                kernel: kernel.release.clone(),
+            },
             other => other,
         })?;
         for (field, offset, size) in format::RSS_STAT_FIELDS {
@@ -68,7 +69,9 @@ impl EbpfTracker {
             if found != offset {
                 return Err(LoadError::FormatMismatch {
                     event: "kmem:rss_stat".into(),
-                    detail: format!("field `{field}` at offset {found}, the program reads {offset}"),
+                    detail: format!(
+                        "field `{field}` at offset {found}, the program reads {offset}"
+                    ),
                 });
             }
         }
@@ -76,7 +79,10 @@ impl EbpfTracker {
         let exec = tracefs::format(&tracefs, "sched", "sched_process_exec")?;
         let exit = tracefs::format(&tracefs, "sched", "sched_process_exit")?;
         let offsets = [
-            (format::GLOBAL_FORK_PARENT_PID, fork.offset("parent_pid", 4)?),
+            (
+                format::GLOBAL_FORK_PARENT_PID,
+                fork.offset("parent_pid", 4)?,
+            ),
             (format::GLOBAL_FORK_CHILD_PID, fork.offset("child_pid", 4)?),
             (format::GLOBAL_EXEC_PID, exec.offset("pid", 4)?),
             (format::GLOBAL_EXEC_OLD_PID, exec.offset("old_pid", 4)?),
@@ -94,11 +100,13 @@ impl EbpfTracker {
         for (program, category, name) in PROGRAMS {
             attach(&mut ebpf, program, category, name)?;
         }
-        let tasks = HashMap::try_from(take_map(&mut ebpf, MAP_TASKS)?).map_err(map_type(MAP_TASKS))?;
+        let tasks =
+            HashMap::try_from(take_map(&mut ebpf, MAP_TASKS)?).map_err(map_type(MAP_TASKS))?;
         let mms = HashMap::try_from(take_map(&mut ebpf, MAP_MMS)?).map_err(map_type(MAP_MMS))?;
-        let trees = Array::try_from(take_map(&mut ebpf, MAP_TREES)?).map_err(map_type(MAP_TREES))?;
-        let counters =
-            PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?).map_err(map_type(MAP_COUNTERS))?;
+        let trees =
+            Array::try_from(take_map(&mut ebpf, MAP_TREES)?).map_err(map_type(MAP_TREES))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
+            .map_err(map_type(MAP_COUNTERS))?;
         Ok(EbpfTracker {
             _ebpf: ebpf,
             tasks,
@@ -120,14 +128,27 @@ impl EbpfTracker {
     /// address space (a copy of the tracer's) is not counted, everything from its exec on is, and so is
     /// every task it creates.
     pub fn track_before_exec(&mut self, pid: u32) -> Result<TreeId, TrackError> {
-        let slot = self.next_slots.pop().ok_or(TrackError::TooManyTrees(MAX_TREES))?;
-        let tree = TreeState { live_tasks: 1, ..TreeState::default() };
-        let task = TaskState { tree: slot, flags: TASK_PENDING_EXEC };
+        let slot = self
+            .next_slots
+            .pop()
+            .ok_or(TrackError::TooManyTrees(MAX_TREES))?;
+        let tree = TreeState {
+            live_tasks: 1,
+            ..TreeState::default()
+        };
+        let task = TaskState {
+            tree: slot,
+            flags: TASK_PENDING_EXEC,
+        };
         let registered = self
             .trees
             .set(slot, tree, 0)
             .map_err(map_err(MAP_TREES, "reset"))
-            .and_then(|()| self.tasks.insert(pid, task, 0).map_err(map_err(MAP_TASKS, "insert")));
+            .and_then(|()| {
+                self.tasks
+                    .insert(pid, task, 0)
+                    .map_err(map_err(MAP_TASKS, "insert"))
+            });
         if let Err(err) = registered {
             self.next_slots.push(slot);
             return Err(err);
@@ -139,8 +160,14 @@ impl EbpfTracker {
 
     /// The tree's numbers so far.
     pub fn peek(&self, id: TreeId) -> Result<TreeSample, TrackError> {
-        let active = self.active.get(&id.0).ok_or(TrackError::UnknownTree(id.0))?;
-        let tree = self.trees.get(&id.0, 0).map_err(map_err(MAP_TREES, "lookup"))?;
+        let active = self
+            .active
+            .get(&id.0)
+            .ok_or(TrackError::UnknownTree(id.0))?;
+        let tree = self
+            .trees
+            .get(&id.0, 0)
+            .map_err(map_err(MAP_TREES, "lookup"))?;
         let mut reasons = Vec::new();
         if !self.kernel.has_exact_rss_counters() {
             reasons.push(format!(
@@ -153,7 +180,10 @@ impl EbpfTracker {
         for counter in Counter::ALL.into_iter().filter(|c| c.makes_inexact()) {
             let moved = now[counter as usize] - active.counters_at_start[counter as usize];
             if moved > 0 {
-                reasons.push(format!("{}: {moved} event(s) while tracking", counter.name()));
+                reasons.push(format!(
+                    "{}: {moved} event(s) while tracking",
+                    counter.name()
+                ));
             }
         }
         Ok(sample(&tree, reasons))
@@ -176,7 +206,10 @@ impl EbpfTracker {
             // A task may exit (and remove itself) between the scan and here.
             let _ = self.tasks.remove(tid);
         }
-        sample.processes += leftover_tasks.iter().filter(|&&tid| is_process_leader(tid)).count() as u64;
+        sample.processes += leftover_tasks
+            .iter()
+            .filter(|&&tid| is_process_leader(tid))
+            .count() as u64;
         sample.still_running = leftover_tasks.len() as u64;
         let leftover_mms: Vec<u32> = self
             .mms
@@ -188,6 +221,7 @@ impl EbpfTracker {
         for mm_id in &leftover_mms {
             let _ = self.mms.remove(mm_id);
         }
+        sample.leftover_mms = leftover_mms.len() as u64;
         if leftover_tasks.is_empty() && sample.rss_bytes != 0 {
             // Every task exited, so every address space should have been torn down to zero.
             sample.inexact_reasons.push(format!(
@@ -234,6 +268,7 @@ fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {
         peak_swap_bytes: bytes(tree.swap_peak),
         processes: bytes(tree.exited_processes),
         still_running: bytes(tree.live_tasks),
+        leftover_mms: 0,
         exact: inexact_reasons.is_empty(),
         inexact_reasons,
     }
@@ -252,7 +287,10 @@ fn is_process_leader(tid: u32) -> bool {
 }
 
 fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), LoadError> {
-    let error = |source| LoadError::Program { program: program.to_string(), source };
+    let error = |source| LoadError::Program {
+        program: program.to_string(),
+        source,
+    };
     let tracepoint: &mut TracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| LoadError::Program {
@@ -274,6 +312,13 @@ fn map_type(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoadError
     move |source| LoadError::MapType { name, source }
 }
 
-fn map_err(map: &'static str, action: &'static str) -> impl FnOnce(aya::maps::MapError) -> TrackError {
-    move |source| TrackError::Map { map, action, source }
+fn map_err(
+    map: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> TrackError {
+    move |source| TrackError::Map {
+        map,
+        action,
+        source,
+    }
 }

@@ -27,7 +27,9 @@ impl Kernel {
     /// Fetching BPF atomics (fetch_add, xchg, cmpxchg) arrived in 5.12.
     pub fn check_supported(&self) -> Result<(), LoadError> {
         if self.version < (5, 12) && self.version != (0, 0) {
-            return Err(LoadError::KernelTooOld { kernel: self.release.clone() });
+            return Err(LoadError::KernelTooOld {
+                kernel: self.release.clone(),
+            });
         }
         Ok(())
     }
@@ -90,8 +92,17 @@ mod tests {
     #[test]
     fn capabilities() {
         assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), None);
-        assert_eq!(missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)), None);
-        assert_eq!(missing_capabilities(1 << CAP_BPF).as_deref(), Some("CAP_PERFMON"));
-        assert_eq!(missing_capabilities(0).as_deref(), Some("CAP_BPF, CAP_PERFMON"));
+        assert_eq!(
+            missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)),
+            None
+        );
+        assert_eq!(
+            missing_capabilities(1 << CAP_BPF).as_deref(),
+            Some("CAP_PERFMON")
+        );
+        assert_eq!(
+            missing_capabilities(0).as_deref(),
+            Some("CAP_BPF, CAP_PERFMON")
+        );
     }
 }

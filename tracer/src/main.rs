@@ -44,7 +44,10 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>) -> ExitCode {
     let report = outcome.report(&tracker.kernel().release);
     eprintln!("{}", report.human_line());
     if !report.exact {
-        eprintln!("tracer: warning: the peak may be inexact: {}", report.inexact_reasons.join("; "));
+        eprintln!(
+            "tracer: warning: the peak may be inexact: {}",
+            report.inexact_reasons.join("; ")
+        );
     }
     if outcome.sample.still_running > 0 {
         eprintln!(
@@ -71,7 +74,9 @@ fn write_json(path: &Path, report: &tracer::report::PeakReport) -> anyhow::Resul
     let mut text = serde_json::to_string_pretty(report).context("serialising the report")?;
     text.push('\n');
     if path == Path::new("-") {
-        std::io::stdout().write_all(text.as_bytes()).context("writing the report to stdout")
+        std::io::stdout()
+            .write_all(text.as_bytes())
+            .context("writing the report to stdout")
     } else {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }

@@ -26,6 +26,9 @@ pub struct TreeSample {
     pub processes: u64,
     /// Tracked tasks (threads included) still running.
     pub still_running: u64,
+    /// Address spaces of the tree still in the map when tracking stopped (removed then). Zero when the
+    /// kernel side saw every teardown; non-zero with processes still running is normal.
+    pub leftover_mms: u64,
     /// False when anything that can make the numbers wrong happened; see `inexact_reasons`.
     pub exact: bool,
     pub inexact_reasons: Vec<String>,
@@ -113,7 +116,10 @@ mod tests {
             kernel: "6.18".into(),
         };
         assert_eq!(report.human_line(), "✔  make -j2 (2.5s) (peak: 256MB)");
-        let failed = PeakReport { exit_code: 2, ..report };
+        let failed = PeakReport {
+            exit_code: 2,
+            ..report
+        };
         assert!(failed.human_line().starts_with("✖  make -j2"));
     }
 }

@@ -30,10 +30,12 @@ pub struct RunOutcome {
 }
 
 /// Runs `command` (program and arguments) as a tracked tree and waits for it to exit. Signals that
-/// tracer receives meanwhile are forwarded (see [`spawn::RunningChild::wait`]).
-///
-/// Must be called while the process is single-threaded: the command is forked and held before exec.
-pub fn run_tracked(tracker: &mut EbpfTracker, command: &[OsString]) -> Result<RunOutcome, RunError> {
+/// tracer receives meanwhile are forwarded (see [`spawn::RunningChild::wait`]); forwarding goes to one
+/// command per process, so run one command at a time when relying on it.
+pub fn run_tracked(
+    tracker: &mut EbpfTracker,
+    command: &[OsString],
+) -> Result<RunOutcome, RunError> {
     let held = spawn::spawn_held(command)?;
     let tree = match tracker.track_before_exec(held.pid()) {
         Ok(tree) => tree,
@@ -53,7 +55,12 @@ pub fn run_tracked(tracker: &mut EbpfTracker, command: &[OsString]) -> Result<Ru
     let waited = running.wait();
     let duration = start.elapsed();
     let sample = tracker.stop_tracking(tree)?;
-    Ok(RunOutcome { command: command.to_vec(), exit: waited?, duration, sample })
+    Ok(RunOutcome {
+        command: command.to_vec(),
+        exit: waited?,
+        duration,
+        sample,
+    })
 }
 
 impl RunOutcome {
@@ -61,7 +68,11 @@ impl RunOutcome {
     pub fn report(&self, kernel: &str) -> PeakReport {
         let sample = &self.sample;
         PeakReport {
-            command: self.command.iter().map(|arg| arg.to_string_lossy().into_owned()).collect(),
+            command: self
+                .command
+                .iter()
+                .map(|arg| arg.to_string_lossy().into_owned())
+                .collect(),
             exit_code: self.exit.status(),
             signal: match self.exit {
                 Exit::Signal(signal) => Some(signal),

@@ -70,7 +70,11 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, SpawnError> {
     let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     let mut denied = None;
     for dir in std::env::split_paths(&search) {
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         let candidate = dir.join(program);
         match executable(&candidate) {
             Some(true) => return Ok(candidate),
@@ -85,8 +89,15 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, SpawnError> {
 }
 
 fn not_executable(program: String, path: &Path) -> SpawnError {
-    let reason = if path.is_dir() { "Is a directory" } else { "Permission denied" };
-    SpawnError::NotExecutable { program, reason: reason.into() }
+    let reason = if path.is_dir() {
+        "Is a directory"
+    } else {
+        "Permission denied"
+    };
+    SpawnError::NotExecutable {
+        program,
+        reason: reason.into(),
+    }
 }
 
 /// `Some(true)` for an executable file, `Some(false)` for one we may not run, `None` if absent.
@@ -99,8 +110,8 @@ fn executable(path: &Path) -> Option<bool> {
     Some(nix::unistd::access(c_path.as_c_str(), nix::unistd::AccessFlags::X_OK).is_ok())
 }
 
-/// Forks a child that will exec `command` once released. Call only while the process is
-/// single-threaded (the child runs only async-signal-safe code before exec).
+/// Forks a child that will exec `command` once released. Safe in multi-threaded processes too: the
+/// child runs only async-signal-safe code (read, execv, write, _exit) on data prepared before fork.
 pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
     let program = command.first().ok_or(SpawnError::Empty)?;
     let path = resolve_program(program)?;
@@ -140,7 +151,11 @@ pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
         },
         ForkResult::Parent { child } => {
             drop((gate_read, error_write));
-            Ok(HeldChild { pid: child, gate: File::from(gate_write), exec_error: File::from(error_read) })
+            Ok(HeldChild {
+                pid: child,
+                gate: File::from(gate_write),
+                exec_error: File::from(error_read),
+            })
         }
     }
 }
@@ -163,7 +178,10 @@ impl HeldChild {
             let program = program.to_string_lossy().into_owned();
             return Err(match errno {
                 Errno::ENOENT => SpawnError::NotFound(program),
-                errno => SpawnError::NotExecutable { program, reason: errno.desc().to_string() },
+                errno => SpawnError::NotExecutable {
+                    program,
+                    reason: errno.desc().to_string(),
+                },
             });
         }
         Ok(RunningChild { pid: self.pid })
@@ -187,7 +205,11 @@ pub struct RunningChild {
 /// The child signals are forwarded to; 0 when none.
 static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward_signal(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn forward_signal(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
     // A terminal's Ctrl-C / hangup reaches the whole foreground process group, the command included
     // (si_code SI_KERNEL): forwarding it would deliver it twice. Signals sent to tracer alone (kill,
     // CI cancellation) are passed on.
@@ -224,7 +246,12 @@ impl RunningChild {
                 Ok(WaitStatus::Exited(_, code)) => break Ok(Exit::Code(code)),
                 Ok(WaitStatus::Signaled(_, signal, _)) => break Ok(Exit::Signal(signal as i32)),
                 Ok(_) | Err(Errno::EINTR) => continue,
-                Err(source) => break Err(SpawnError::Os { what: "waiting for the command", source }),
+                Err(source) => {
+                    break Err(SpawnError::Os {
+                        what: "waiting for the command",
+                        source,
+                    });
+                }
             }
         };
         FORWARD_TO.store(0, Ordering::SeqCst);
@@ -249,6 +276,11 @@ mod tests {
         ));
         let not_exec = resolve_program(OsStr::new("/etc/hostname")).unwrap_err();
         assert_eq!(not_exec.exit_code(), 126);
-        assert_eq!(resolve_program(OsStr::new("/nonexistent/x")).unwrap_err().exit_code(), 127);
+        assert_eq!(
+            resolve_program(OsStr::new("/nonexistent/x"))
+                .unwrap_err()
+                .exit_code(),
+            127
+        );
     }
 }

@@ -42,7 +42,10 @@ impl Format {
             let name = name.split('[').next().unwrap_or_default();
             fields.insert(name.to_string(), (offset, size));
         }
-        Format { event: event.to_string(), fields }
+        Format {
+            event: event.to_string(),
+            fields,
+        }
     }
 
     /// Offset of `field`, checking it has the expected size.
@@ -95,7 +98,10 @@ pub fn format(root: &std::path::Path, category: &str, name: &str) -> Result<Form
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             Err(LoadError::MissingTracepoint { event })
         }
-        Err(err) => Err(LoadError::Io { what: format!("reading {}", path.display()), source: err }),
+        Err(err) => Err(LoadError::Io {
+            what: format!("reading {}", path.display()),
+            source: err,
+        }),
     }
 }
 
