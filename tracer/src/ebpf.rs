@@ -90,9 +90,7 @@ impl EbpfTracker {
         ]
         .map(|(name, offset)| (name, offset as u32));
 
-        let mut loader = EbpfLoader::new();
-        // No CO-RE relocations in the object: skip relocating against kernel BTF.
-        loader.btf(None);
+        let mut loader = loader_without_kernel_btf();
         for (name, offset) in &offsets {
             loader.override_global(name, offset, true);
         }
@@ -238,6 +236,43 @@ impl EbpfTracker {
         Ok(sample)
     }
 
+    /// Detaches the programs in a background process, so the caller can exit at once.
+    ///
+    /// Closing a tracepoint's last perf event waits for RCU grace periods in the kernel
+    /// (`tracepoint_synchronize_unregister`): about 80 ms per program here, 300+ ms in all, which would
+    /// otherwise sit between the command's end and tracer's exit. A forked child inherits the
+    /// descriptors, waits until this process has exited (EOF on a pipe), then closes them; it holds no
+    /// stdio, so a caller reading tracer's output is not kept waiting. Call it last, just before exit,
+    /// from a single-threaded process.
+    pub fn detach_in_background(self) {
+        let Ok((parent_alive, parent_gone)) = nix::unistd::pipe() else {
+            return drop(self);
+        };
+        // SAFETY: the process is single-threaded (documented requirement); the child only closes fds,
+        // reads a pipe, and exits.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(parent_gone);
+                if let Ok(null) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+                    for fd in 0..=2 {
+                        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+                    }
+                }
+                let mut byte = [0u8; 1];
+                let _ = nix::unistd::read(&parent_alive, &mut byte);
+                drop(self);
+                unsafe { libc::_exit(0) };
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {
+                drop(parent_alive);
+                // Our copies close when we exit; the child's are then the last ones.
+                std::mem::forget(parent_gone);
+                std::mem::forget(self);
+            }
+            Err(_) => drop(self),
+        }
+    }
+
     /// Entries in the task and mm maps belonging to any tree (for tests and diagnostics).
     pub fn map_entries(&self) -> (usize, usize) {
         (self.tasks.keys().count(), self.mms.keys().count())
@@ -253,6 +288,38 @@ impl EbpfTracker {
         }
         totals
     }
+}
+
+/// An `EbpfLoader` that does not relocate against kernel BTF: the object has no CO-RE relocations.
+///
+/// aya 0.14's `EbpfLoader::new()` always reads and parses `/sys/kernel/btf/vmlinux` (5 MB here),
+/// which costs about 25 ms and 10 MB of tracer's RSS before `.btf(None)` can discard it. So the loader
+/// is created in a helper thread that has its own filesystem context (`unshare(CLONE_FS)`) chrooted
+/// into an empty directory, where that read fails at once; nothing else runs there, and the rest of
+/// the process never sees the chroot. Without CAP_SYS_CHROOT it falls back to the plain constructor.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    let empty = nix::unistd::mkdtemp(&std::env::temp_dir().join("tracer-loader-XXXXXX")).ok();
+    let blind = empty.as_ref().and_then(|empty| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                        .and_then(|()| nix::unistd::chroot(empty))
+                        .and_then(|()| nix::unistd::chdir("/"))
+                        .ok()
+                        .map(|()| EbpfLoader::new())
+                })
+                .join()
+                .ok()
+                .flatten()
+        })
+    });
+    if let Some(empty) = empty {
+        let _ = std::fs::remove_dir(empty);
+    }
+    let mut loader = blind.unwrap_or_else(EbpfLoader::new);
+    loader.btf(None);
+    loader
 }
 
 fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {

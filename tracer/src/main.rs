@@ -61,6 +61,7 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>) -> ExitCode {
             eprintln!("tracer: error: {err:#}");
         }
     }
+    tracker.detach_in_background();
     ExitCode::from(report.exit_code.clamp(0, 255) as u8)
 }
 
