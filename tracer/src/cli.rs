@@ -22,6 +22,10 @@ pub enum Command {
         /// Also write the JSON report to FILE (`-` for stdout).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Print the BPF programs' run counts and times on stderr at the end (needs
+        /// `sysctl kernel.bpf_stats_enabled=1`; for benchmarks).
+        #[arg(long, hide = true)]
+        bpf_stats: bool,
         /// The command and its arguments.
         #[arg(
             required = true,

@@ -32,6 +32,14 @@ const PROGRAMS: [(&str, &str, &str); 4] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TreeId(u32);
 
+/// Kernel-side run statistics of one program (see [`EbpfTracker::program_stats`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
+}
+
 struct ActiveTree {
     counters_at_start: [u64; NR_COUNTERS as usize],
 }
@@ -40,7 +48,7 @@ struct ActiveTree {
 /// on one host never see each other's trees.
 pub struct EbpfTracker {
     // Owns the programs and their links: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     tasks: HashMap<MapData, u32, TaskState>,
     mms: HashMap<MapData, u32, MmState>,
     trees: Array<MapData, TreeState>,
@@ -106,7 +114,7 @@ impl EbpfTracker {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(map_type(MAP_COUNTERS))?;
         Ok(EbpfTracker {
-            _ebpf: ebpf,
+            ebpf,
             tasks,
             mms,
             trees,
@@ -253,7 +261,11 @@ impl EbpfTracker {
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
                 drop(parent_gone);
-                if let Ok(null) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+                if let Ok(null) = std::fs::File::options()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
                     for fd in 0..=2 {
                         unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
                     }
@@ -271,6 +283,23 @@ impl EbpfTracker {
             }
             Err(_) => drop(self),
         }
+    }
+
+    /// Per program: runs and total run time so far. Counted by the kernel only while
+    /// `sysctl kernel.bpf_stats_enabled=1` (otherwise zeros); used by the benchmarks to tell this
+    /// program's share of the per-event cost from the tracepoint's own.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        PROGRAMS
+            .iter()
+            .filter_map(|&(name, _, _)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
     }
 
     /// Entries in the task and mm maps belonging to any tree (for tests and diagnostics).

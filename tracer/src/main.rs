@@ -10,12 +10,16 @@ const TRACER_FAILED: u8 = 125;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Run { json, command } => run(&command, json.as_deref()),
+        cli::Command::Run {
+            json,
+            bpf_stats,
+            command,
+        } => run(&command, json.as_deref(), bpf_stats),
     }
 }
 
 #[cfg(target_os = "linux")]
-fn run(command: &[std::ffi::OsString], json: Option<&Path>) -> ExitCode {
+fn run(command: &[std::ffi::OsString], json: Option<&Path>, bpf_stats: bool) -> ExitCode {
     use tracer::{ebpf::EbpfTracker, run::RunError, spawn};
 
     // A missing command is the first thing to say, privileged or not.
@@ -61,12 +65,23 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>) -> ExitCode {
             eprintln!("tracer: error: {err:#}");
         }
     }
+    if bpf_stats {
+        for stats in tracker.program_stats() {
+            let per_run = stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64;
+            eprintln!(
+                "tracer: bpf-stats: {} runs={} run_time_ns={} ns_per_run={per_run:.1}",
+                stats.name,
+                stats.runs,
+                stats.run_time.as_nanos()
+            );
+        }
+    }
     tracker.detach_in_background();
     ExitCode::from(report.exit_code.clamp(0, 255) as u8)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn run(_command: &[std::ffi::OsString], _json: Option<&Path>) -> ExitCode {
+fn run(_command: &[std::ffi::OsString], _json: Option<&Path>, _bpf_stats: bool) -> ExitCode {
     eprintln!("tracer: error: {}", tracer::error::LoadError::NotLinux);
     ExitCode::from(TRACER_FAILED)
 }
