@@ -33,6 +33,7 @@ pub struct HeldChild {
     pid: Pid,
     gate: File,
     exec_error: File,
+    forwarding: SignalForwarding,
 }
 
 /// How the command ended.
@@ -130,6 +131,8 @@ pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
     argv.push(std::ptr::null());
 
     let os = |what| move |source| SpawnError::Os { what, source };
+    // Installed before fork, so no signal can kill tracer between the command's start and its report.
+    let forwarding = SignalForwarding::install();
     let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC).map_err(os("creating the start pipe"))?;
     let (error_read, error_write) =
         pipe2(OFlag::O_CLOEXEC).map_err(os("creating the exec-error pipe"))?;
@@ -138,6 +141,10 @@ pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
     // above, then either becomes the command or exits.
     match unsafe { fork() }.map_err(os("fork"))? {
         ForkResult::Child => unsafe {
+            // The forwarding handlers are tracer's, not the command's.
+            for signal in SignalForwarding::SIGNALS {
+                libc::signal(signal as libc::c_int, libc::SIG_DFL);
+            }
             let mut byte = 0u8;
             let released = libc::read(gate_read.as_raw_fd(), (&raw mut byte).cast(), 1) == 1;
             if !released {
@@ -151,10 +158,12 @@ pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
         },
         ForkResult::Parent { child } => {
             drop((gate_read, error_write));
+            forwarding.forward_to(child);
             Ok(HeldChild {
                 pid: child,
                 gate: File::from(gate_write),
                 exec_error: File::from(error_read),
+                forwarding,
             })
         }
     }
@@ -184,15 +193,24 @@ impl HeldChild {
                 },
             });
         }
-        Ok(RunningChild { pid: self.pid })
+        Ok(RunningChild {
+            pid: self.pid,
+            _forwarding: self.forwarding,
+        })
     }
 
     /// Kills and reaps the held child (when tracking could not start).
     pub fn abandon(self) {
         // Closing the gate without a byte makes the child exit before exec.
-        let pid = self.pid;
-        drop(self);
+        let HeldChild {
+            pid,
+            gate,
+            exec_error,
+            forwarding,
+        } = self;
+        drop((gate, exec_error));
         let _ = waitpid(pid, None);
+        drop(forwarding);
     }
 }
 
@@ -200,10 +218,13 @@ impl HeldChild {
 #[derive(Debug)]
 pub struct RunningChild {
     pid: Pid,
+    _forwarding: SignalForwarding,
 }
 
-/// The child signals are forwarded to; 0 when none.
+/// The child signals are forwarded to; 0 while it is not forked yet.
 static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+/// A signal that arrived before there was a child to forward it to.
+static PENDING: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward_signal(
     signal: libc::c_int,
@@ -213,10 +234,63 @@ extern "C" fn forward_signal(
     // A terminal's Ctrl-C / hangup reaches the whole foreground process group, the command included
     // (si_code SI_KERNEL): forwarding it would deliver it twice. Signals sent to tracer alone (kill,
     // CI cancellation) are passed on.
-    let from_kernel = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
-    let pid = FORWARD_TO.load(Ordering::SeqCst);
-    if !from_kernel && pid > 0 {
-        unsafe { libc::kill(pid, signal) };
+    if !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL {
+        return;
+    }
+    match FORWARD_TO.load(Ordering::SeqCst) {
+        0 => PENDING.store(signal, Ordering::SeqCst),
+        pid => unsafe {
+            libc::kill(pid, signal);
+        },
+    }
+}
+
+/// While alive, SIGINT, SIGTERM and SIGHUP do not kill tracer (it must still report): they are
+/// forwarded to the command. Dropping it restores the previous dispositions.
+#[derive(Debug)]
+struct SignalForwarding {
+    previous: Vec<(Signal, SigAction)>,
+}
+
+impl SignalForwarding {
+    const SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+    fn install() -> SignalForwarding {
+        FORWARD_TO.store(0, Ordering::SeqCst);
+        PENDING.store(0, Ordering::SeqCst);
+        let action = SigAction::new(
+            SigHandler::SigAction(forward_signal),
+            SaFlags::SA_RESTART | SaFlags::SA_SIGINFO,
+            SigSet::empty(),
+        );
+        let previous = Self::SIGNALS
+            .into_iter()
+            // SAFETY: the handler only touches atomics and calls kill (async-signal-safe).
+            .filter_map(|signal| {
+                unsafe { sigaction(signal, &action) }
+                    .ok()
+                    .map(|old| (signal, old))
+            })
+            .collect();
+        SignalForwarding { previous }
+    }
+
+    fn forward_to(&self, child: Pid) {
+        FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+        let pending = PENDING.swap(0, Ordering::SeqCst);
+        if pending != 0 {
+            unsafe { libc::kill(child.as_raw(), pending) };
+        }
+    }
+}
+
+impl Drop for SignalForwarding {
+    fn drop(&mut self) {
+        FORWARD_TO.store(0, Ordering::SeqCst);
+        for (signal, old) in &self.previous {
+            // SAFETY: restores the disposition saved at install.
+            let _ = unsafe { sigaction(*signal, old) };
+        }
     }
 }
 
@@ -225,41 +299,21 @@ impl RunningChild {
         self.pid.as_raw() as u32
     }
 
-    /// Forwards SIGINT, SIGTERM and SIGHUP to the command (tracer itself survives them, to report)
-    /// and waits for it to end.
+    /// Waits for the command to end; signals meanwhile are forwarded to it.
     pub fn wait(self) -> Result<Exit, SpawnError> {
-        FORWARD_TO.store(self.pid.as_raw(), Ordering::SeqCst);
-        let action = SigAction::new(
-            SigHandler::SigAction(forward_signal),
-            SaFlags::SA_RESTART | SaFlags::SA_SIGINFO,
-            SigSet::empty(),
-        );
-        let mut previous = Vec::new();
-        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            // SAFETY: the handler only reads an atomic and calls kill (async-signal-safe).
-            if let Ok(old) = unsafe { sigaction(signal, &action) } {
-                previous.push((signal, old));
-            }
-        }
-        let result = loop {
+        loop {
             match waitpid(self.pid, None) {
-                Ok(WaitStatus::Exited(_, code)) => break Ok(Exit::Code(code)),
-                Ok(WaitStatus::Signaled(_, signal, _)) => break Ok(Exit::Signal(signal as i32)),
+                Ok(WaitStatus::Exited(_, code)) => return Ok(Exit::Code(code)),
+                Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Exit::Signal(signal as i32)),
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(source) => {
-                    break Err(SpawnError::Os {
+                    return Err(SpawnError::Os {
                         what: "waiting for the command",
                         source,
                     });
                 }
             }
-        };
-        FORWARD_TO.store(0, Ordering::SeqCst);
-        for (signal, old) in previous {
-            // SAFETY: restores the disposition saved above.
-            let _ = unsafe { sigaction(signal, &old) };
         }
-        result
     }
 }
 
