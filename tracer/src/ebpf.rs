@@ -346,7 +346,8 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     if let Some(empty) = empty {
         let _ = std::fs::remove_dir(empty);
     }
-    let mut loader = blind.unwrap_or_else(EbpfLoader::new);
+    // Fallback: the default loader, which parses kernel BTF.
+    let mut loader = blind.unwrap_or_default();
     loader.btf(None);
     loader
 }

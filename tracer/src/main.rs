@@ -60,10 +60,8 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>, bpf_stats: bool) -> 
             outcome.sample.still_running
         );
     }
-    if let Some(path) = json {
-        if let Err(err) = write_json(path, &report) {
-            eprintln!("tracer: error: {err:#}");
-        }
+    if let Some(Err(err)) = json.map(|path| write_json(path, &report)) {
+        eprintln!("tracer: error: {err:#}");
     }
     if bpf_stats {
         for stats in tracker.program_stats() {

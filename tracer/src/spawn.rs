@@ -328,8 +328,16 @@ mod tests {
             resolve_program(OsStr::new("tracer-no-such-command")),
             Err(SpawnError::NotFound(_))
         ));
-        let not_exec = resolve_program(OsStr::new("/etc/hostname")).unwrap_err();
+        let plain_file = std::env::temp_dir().join(format!("tracer-spawn-{}", std::process::id()));
+        std::fs::write(&plain_file, "data").unwrap();
+        std::fs::set_permissions(&plain_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let not_exec = resolve_program(plain_file.as_os_str()).unwrap_err();
+        std::fs::remove_file(&plain_file).unwrap();
         assert_eq!(not_exec.exit_code(), 126);
+        assert_eq!(
+            resolve_program(OsStr::new("/tmp")).unwrap_err().exit_code(),
+            126
+        );
         assert_eq!(
             resolve_program(OsStr::new("/nonexistent/x"))
                 .unwrap_err()

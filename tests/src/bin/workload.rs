@@ -9,6 +9,8 @@
 //!
 //! Exactly one JSON line is printed on stdout at the end:
 //! `{"scenario":"...","oracle_bytes":N,"pids":[...],"detail":{...}}`.
+//! (`faults`, a benchmark rather than a ground truth, prints
+//! `{"scenario":"faults","elapsed_ns":N,"pages":P}` instead.)
 //! Diagnostics go to stderr. Exit status 0 means success.
 
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -20,13 +22,13 @@ use std::process::ExitCode;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, munmap};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, getpid, pipe2};
 use serde::Serialize;
@@ -104,6 +106,15 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         mib: usize,
     },
+    /// Benchmark: per round, map MiB of fresh private anonymous memory (no huge pages), write
+    /// one byte per page, munmap. Prints `{"scenario":"faults","elapsed_ns":N,"pages":P}`, the
+    /// time of the rounds only (not process start-up).
+    Faults {
+        #[arg(long, default_value_t = 2048)]
+        mib: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Helper: map+touch MiB; with fds, signal ready-fd and block on release-fd (prints
     /// nothing); without fds, hold for hold-ms and print the oracle line.
     #[command(hide = true)]
@@ -137,6 +148,7 @@ impl Cmd {
             Cmd::Nested { .. } => "nested",
             Cmd::Spawn { .. } => "spawn",
             Cmd::SharedAnon { .. } => "shared-anon",
+            Cmd::Faults { .. } => "faults",
             Cmd::Hold { .. } => "hold",
         }
     }
@@ -197,6 +209,7 @@ fn run(cmd: Cmd) -> Result<Option<Report>> {
         Cmd::Nested { depth, mib } => nested(depth, mib)?,
         Cmd::Spawn { children, mib, via } => spawn(children, mib, via)?,
         Cmd::SharedAnon { children, mib } => shared_anon(children, mib)?,
+        Cmd::Faults { mib, rounds } => return faults(mib, rounds),
         Cmd::Hold {
             mib,
             ready_fd,
@@ -206,7 +219,7 @@ fn run(cmd: Cmd) -> Result<Option<Report>> {
     }))
 }
 
-fn emit(report: &Report) -> Result<()> {
+fn emit(report: &impl Serialize) -> Result<()> {
     let line = serde_json::to_string(report).context("serialising the report")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").context("writing the report to stdout")?;
@@ -912,6 +925,40 @@ fn shared_anon(children: usize, mib: usize) -> Result<Report> {
             "processes": samples,
         }),
     })
+}
+
+/// The line `faults` prints (a benchmark result, not an oracle report).
+#[derive(Serialize, Debug)]
+struct FaultsReport {
+    scenario: &'static str,
+    elapsed_ns: u64,
+    pages: u64,
+}
+
+fn faults(mib: usize, rounds: usize) -> Result<Option<Report>> {
+    ensure!(rounds >= 1, "--rounds must be at least 1");
+    let bytes = mib_bytes(mib)?;
+    let pages_per_round = bytes.div_ceil(page_size()?);
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let region = Region::map(bytes, false)?;
+        // One fault (and one `rss_stat` event) per 4 KiB page even where THP is "always".
+        // SAFETY: the range is exactly the mapping `region` owns; the advice changes no contents.
+        unsafe { madvise(region.ptr, region.len, MmapAdvise::MADV_NOHUGEPAGE) }
+            .context("madvise(MADV_NOHUGEPAGE)")?;
+        region.touch()?;
+        drop(region);
+    }
+    let elapsed = start.elapsed();
+    emit(&FaultsReport {
+        scenario: "faults",
+        elapsed_ns: u64::try_from(elapsed.as_nanos()).context("elapsed time overflows u64")?,
+        pages: pages_per_round
+            .checked_mul(rounds)
+            .and_then(|p| u64::try_from(p).ok())
+            .context("page count overflows")?,
+    })?;
+    Ok(None)
 }
 
 /// Take ownership of an inherited fd given by number, checking that it is open.
