@@ -59,11 +59,24 @@ impl PeakReport {
         let mark = if self.exit_code == 0 { '✔' } else { '✖' };
         format!(
             "{mark}  {} ({}) (peak: {})",
-            self.command.join(" "),
+            shell_words(&self.command),
             format_duration(Duration::from_millis(self.duration_ms)),
             format_bytes(self.peak_rss_bytes)
         )
     }
+}
+
+/// The command as a shell would need it typed: `sh -c 'exit 3'`.
+pub fn shell_words(words: &[String]) -> String {
+    let quote = |word: &String| {
+        let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+        if !word.is_empty() && word.chars().all(plain) {
+            word.clone()
+        } else {
+            format!("'{}'", word.replace('\'', r"'\''"))
+        }
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 /// Seconds with one decimal: `2.5s`, `0.0s`.
@@ -97,6 +110,12 @@ mod tests {
         assert_eq!(format_bytes(1_250_000_000), "1.2GB");
         assert_eq!(format_bytes(999_000), "999kB");
         assert_eq!(format_bytes(4_096), "4kB");
+    }
+
+    #[test]
+    fn commands_are_shown_quoted() {
+        let words = ["sh", "-c", "exit 3", "it's", ""].map(String::from);
+        assert_eq!(shell_words(&words), r"sh -c 'exit 3' 'it'\''s' ''");
     }
 
     #[test]
