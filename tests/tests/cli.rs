@@ -24,7 +24,7 @@ fn exit_code_passes_through_and_failure_is_marked() {
     assert_eq!(run.report["exit_code"], 7);
     assert_eq!(run.report["signal"], serde_json::Value::Null);
     assert!(
-        run.stderr().contains("✖  sh -c exit 7 ("),
+        run.stderr().contains("✖  sh -c 'exit 7' ("),
         "{}",
         run.stderr()
     );

@@ -33,6 +33,8 @@ fn runs_in_one_tracker_are_independent_and_leave_no_map_entries() {
     }
     let mut tracker = EbpfTracker::load().expect("loading the eBPF backend");
     assert_eq!(tracker.map_entries(), (0, 0), "fresh maps");
+    // The kernel's program info (run and miss counters) is readable for all four programs.
+    assert_eq!(tracker.program_stats().len(), 4);
 
     let (big, big_oracle) = run_workload(&mut tracker, "together --children 3 --mib 96");
     assert_eq!(big.exit, Exit::Code(0));

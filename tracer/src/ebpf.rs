@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::TracePoint,
 };
-use std::collections::HashMap as StdHashMap;
+use std::{collections::HashMap as StdHashMap, os::fd::AsFd as _};
 use tracer_common::{
     Counter, MAP_COUNTERS, MAP_MMS, MAP_TASKS, MAP_TREES, MAX_TREES, MM_ANONPAGES, MM_FILEPAGES,
     MM_SHMEMPAGES, MmState, NR_COUNTERS, TASK_PENDING_EXEC, TaskState, TreeState, format,
@@ -38,10 +38,13 @@ pub struct ProgramStats {
     pub name: &'static str,
     pub runs: u64,
     pub run_time: std::time::Duration,
+    /// Times the kernel skipped the program (see `recursion_misses`); always counted.
+    pub missed: u64,
 }
 
 struct ActiveTree {
     counters_at_start: [u64; NR_COUNTERS as usize],
+    missed_at_start: u64,
 }
 
 /// Loaded and attached BPF programs and their maps. Each tracker has its own maps, so several tracers
@@ -160,7 +163,14 @@ impl EbpfTracker {
             return Err(err);
         }
         let counters_at_start = self.counter_totals();
-        self.active.insert(slot, ActiveTree { counters_at_start });
+        let missed_at_start = self.missed_events();
+        self.active.insert(
+            slot,
+            ActiveTree {
+                counters_at_start,
+                missed_at_start,
+            },
+        );
         Ok(TreeId(slot))
     }
 
@@ -192,7 +202,20 @@ impl EbpfTracker {
                 ));
             }
         }
+        let missed = self.missed_events() - active.missed_at_start;
+        if missed > 0 {
+            reasons.push(format!(
+                "dropped_events: the kernel skipped our programs {missed} time(s) while tracking \
+                 (another BPF program was running on that CPU)"
+            ));
+        }
         Ok(sample(&tree, reasons))
+    }
+
+    /// Events the kernel did not deliver to our programs: a tracepoint program is skipped when a BPF
+    /// program already runs on that CPU, and counted in `bpf_prog_info.recursion_misses` (>= 5.12).
+    fn missed_events(&self) -> u64 {
+        self.program_stats().iter().map(|stats| stats.missed).sum()
     }
 
     /// Ends tracking of a tree: returns its final numbers and removes every map entry it still has
@@ -285,18 +308,19 @@ impl EbpfTracker {
         }
     }
 
-    /// Per program: runs and total run time so far. Counted by the kernel only while
-    /// `sysctl kernel.bpf_stats_enabled=1` (otherwise zeros); used by the benchmarks to tell this
+    /// Per program: runs and total run time so far (counted by the kernel only while
+    /// `sysctl kernel.bpf_stats_enabled=1`, otherwise zeros) and skipped runs (always counted). Used by the benchmarks to tell this
     /// program's share of the per-event cost from the tracepoint's own.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         PROGRAMS
             .iter()
             .filter_map(|&(name, _, _)| {
-                let info = self.ebpf.program(name)?.info().ok()?;
+                let info = program_info(self.ebpf.program(name)?.fd().ok()?.as_fd())?;
                 Some(ProgramStats {
                     name,
-                    runs: info.run_count(),
-                    run_time: info.run_time(),
+                    runs: info.run_cnt,
+                    run_time: std::time::Duration::from_nanos(info.run_time_ns),
+                    missed: info.recursion_misses,
                 })
             })
             .collect()
@@ -317,6 +341,35 @@ impl EbpfTracker {
         }
         totals
     }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya 0.14 does not expose `recursion_misses`).
+fn program_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
+    use std::os::fd::AsRawFd as _;
+    // The `info` member of `union bpf_attr`; the kernel accepts a shorter attr.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: plain integers; all-zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: attr points at a valid buffer of `info_len` bytes for the kernel to fill.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_int,
+            &raw mut attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    (ret == 0).then_some(info)
 }
 
 /// An `EbpfLoader` that does not relocate against kernel BTF: the object has no CO-RE relocations.

@@ -67,10 +67,11 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>, bpf_stats: bool) -> 
         for stats in tracker.program_stats() {
             let per_run = stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64;
             eprintln!(
-                "tracer: bpf-stats: {} runs={} run_time_ns={} ns_per_run={per_run:.1}",
+                "tracer: bpf-stats: {} runs={} run_time_ns={} ns_per_run={per_run:.1} missed={}",
                 stats.name,
                 stats.runs,
-                stats.run_time.as_nanos()
+                stats.run_time.as_nanos(),
+                stats.missed
             );
         }
     }
