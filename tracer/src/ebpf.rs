@@ -66,6 +66,7 @@ impl EbpfTracker {
     pub fn load() -> Result<EbpfTracker, LoadError> {
         let kernel = Kernel::current();
         kernel::check_privileges()?;
+        kernel::check_host_pid_namespace()?;
         kernel.check_supported()?;
         let tracefs = tracefs::root()?;
         let rss_stat = tracefs::format(&tracefs, "kmem", "rss_stat").map_err(|err| match err {
@@ -251,6 +252,13 @@ impl EbpfTracker {
             let _ = self.mms.remove(mm_id);
         }
         sample.leftover_mms = leftover_mms.len() as u64;
+        if sample.address_spaces == 0 {
+            // Every process has an address space: seeing none means nothing was measured.
+            sample
+                .inexact_reasons
+                .push("no_events: no address space of the tree was seen".into());
+            sample.exact = false;
+        }
         if leftover_tasks.is_empty() && sample.rss_bytes != 0 {
             // Every task exited, so every address space should have been torn down to zero.
             sample.inexact_reasons.push(format!(
@@ -417,6 +425,7 @@ fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {
         },
         peak_swap_bytes: bytes(tree.swap_peak),
         processes: bytes(tree.exited_processes),
+        address_spaces: bytes(tree.mms_bound),
         still_running: bytes(tree.live_tasks),
         leftover_mms: 0,
         exact: inexact_reasons.is_empty(),

@@ -12,6 +12,11 @@ pub enum LoadError {
          (missing: {missing}); run with sudo"
     )]
     Privileges { missing: String },
+    #[error(
+        "tracer runs in a nested PID namespace (a container?): the kernel reports host pids, so it \
+         must run in the host PID namespace (e.g. `docker run --pid=host`)"
+    )]
+    PidNamespace,
     #[error("tracefs is not available: {0}")]
     NoTracefs(String),
     #[error("tracepoint {event} not found (kernel {kernel}); kmem:rss_stat needs Linux >= 5.5")]

@@ -46,6 +46,22 @@ pub fn parse_version(release: &str) -> (u32, u32) {
     }
 }
 
+/// Tracepoints report host pids, while `fork()` returns pids of our own namespace: both must agree.
+pub fn check_host_pid_namespace() -> Result<(), LoadError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| LoadError::Io {
+        what: "reading /proc/self/status".to_string(),
+        source,
+    })?;
+    let levels = status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .map_or(1, |pids| pids.split_whitespace().count());
+    if levels > 1 {
+        return Err(LoadError::PidNamespace);
+    }
+    Ok(())
+}
+
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;

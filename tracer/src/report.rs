@@ -24,6 +24,8 @@ pub struct TreeSample {
     pub peak_swap_bytes: u64,
     /// Distinct processes seen (thread-group leaders: exited ones, plus those still running at stop).
     pub processes: u64,
+    /// Address spaces (mms) bound to the tree: one per process, plus one per exec.
+    pub address_spaces: u64,
     /// Tracked tasks (threads included) still running.
     pub still_running: u64,
     /// Address spaces of the tree still in the map when tracking stopped (removed then). Zero when the
