@@ -199,10 +199,9 @@ fn sigterm_and_sigint_sent_to_tracer_reach_the_command_and_the_report_is_still_w
     }
 }
 
-#[test]
-fn unprivileged_user_gets_a_clear_error() {
-    require_ebpf!(); // needs root to become someone else
-    let output = Command::new("setpriv")
+/// `tracer run OPTIONS --json - -- CMD` as uid/gid 65534 without capabilities; JSON on stdout.
+fn run_unprivileged(options: &[&str], command: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -210,9 +209,63 @@ fn unprivileged_user_gets_a_clear_error() {
             "--inh-caps=-all",
         ])
         .arg(tracer())
-        .args(["run", "--", "true"])
+        .arg("run")
+        .args(options)
+        .args(["--json", "-", "--"])
+        .args(command)
         .output()
-        .expect("setpriv (util-linux)");
+        .expect("setpriv (util-linux)")
+}
+
+#[test]
+fn unprivileged_user_falls_back_to_polling_and_says_why() {
+    require_ebpf!(); // needs root to become someone else
+    let workload = common::workload();
+    let output = run_unprivileged(
+        &[],
+        &[
+            workload.to_str().unwrap(),
+            "hold",
+            "--mib",
+            "64",
+            "--hold-ms",
+            "1500",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let fallback = stderr.lines().next().unwrap_or_default();
+    assert!(
+        fallback.contains("eBPF unavailable")
+            && fallback.contains("CAP_BPF")
+            && fallback.contains("polling every 100 ms"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (oracle_line, report) = stdout
+        .split_once('\n')
+        .expect("oracle line, then the report");
+    let oracle: serde_json::Value = serde_json::from_str(oracle_line).unwrap();
+    let report: serde_json::Value = serde_json::from_str(report).unwrap();
+    assert_eq!(report["backend"], "poll");
+    assert_eq!(report["exact"], false);
+    assert_eq!(report["interval_ms"], 100);
+    assert!(report["samples"].as_u64().unwrap() >= 10);
+    // Held for 15 intervals: polling sees it, within 2%.
+    let (peak, truth) = (
+        report["peak_rss_bytes"].as_u64().unwrap(),
+        oracle["oracle_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        peak.abs_diff(truth) <= truth / 50,
+        "poll peak {peak} vs oracle {truth}"
+    );
+}
+
+#[test]
+fn unprivileged_user_asking_for_ebpf_gets_the_reason() {
+    require_ebpf!(); // needs root to become someone else
+    let output = run_unprivileged(&["--backend", "ebpf"], &["true"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");
     assert!(

@@ -1,72 +1,150 @@
-//! The library API: several runs in one tracker, and nothing left in the kernel maps afterwards.
+//! The library API (`MemoryTracker`): several trees in one tracker, tracking a process that is already
+//! running, and nothing left in the kernel maps afterwards.
 
 mod common;
 use common::{assert_matches_oracle, ebpf_available, workload};
-use std::ffi::OsString;
-use tracer::{ebpf::EbpfTracker, run::run_tracked, spawn::Exit};
+use std::{
+    ffi::OsString,
+    process::{Command, Stdio},
+    time::Duration,
+};
+use tracer::{BackendChoice, BackendKind, MemoryTracker, TrackerOptions};
 
-/// Runs the workload through the library; its oracle goes to a file (`exec` keeps the shell out of
-/// the tree). Returns the outcome and the oracle.
-fn run_workload(tracker: &mut EbpfTracker, args: &str) -> (tracer::run::RunOutcome, u64) {
-    let oracle_file =
-        std::env::temp_dir().join(format!("tracer-lib-oracle-{}", std::process::id()));
-    let script = format!(
-        "exec {} {args} > {}",
-        workload().display(),
-        oracle_file.display()
-    );
-    let command: Vec<OsString> = ["sh", "-c", &script].iter().map(OsString::from).collect();
-    let outcome = run_tracked(tracker, &command).expect("run_tracked");
-    let text = std::fs::read_to_string(&oracle_file).expect("oracle file");
-    let _ = std::fs::remove_file(&oracle_file);
-    let oracle: serde_json::Value = serde_json::from_str(text.trim()).expect("oracle JSON");
-    (
-        outcome,
-        oracle["oracle_bytes"].as_u64().expect("oracle_bytes"),
-    )
+fn ebpf_tracker() -> MemoryTracker {
+    let options = TrackerOptions {
+        backend: BackendChoice::Ebpf,
+        ..TrackerOptions::default()
+    };
+    let tracker = MemoryTracker::with_options(options).expect("loading the eBPF backend");
+    assert_eq!(tracker.backend(), BackendKind::Ebpf);
+    tracker
+}
+
+fn oracle_of(stdout: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|line| line.starts_with('{'))
+        .expect("oracle line");
+    let oracle: serde_json::Value = serde_json::from_str(line).expect("oracle JSON");
+    oracle["oracle_bytes"].as_u64().expect("oracle_bytes")
 }
 
 #[test]
-fn runs_in_one_tracker_are_independent_and_leave_no_map_entries() {
+fn tracked_pid_tree_is_exact_and_leaves_no_map_entries() {
     if !ebpf_available(module_path!()) {
         return;
     }
-    let mut tracker = EbpfTracker::load().expect("loading the eBPF backend");
-    assert_eq!(tracker.map_entries(), (0, 0), "fresh maps");
-    // The kernel's program info (run and miss counters) is readable for all four programs.
-    assert_eq!(tracker.program_stats().len(), 4);
+    let mut tracker = ebpf_tracker();
+    assert_eq!(tracker.kernel_map_entries(), Some((0, 0)), "fresh maps");
+    assert_eq!(
+        tracker.program_stats().len(),
+        4,
+        "kernel program info readable"
+    );
 
-    let (big, big_oracle) = run_workload(&mut tracker, "together --children 3 --mib 96");
-    assert_eq!(big.exit, Exit::Code(0));
-    assert!(big.sample.exact, "{:?}", big.sample.inexact_reasons);
+    // The shell is tracked while running; it forks `sleep`, then execs the workload, which forks 3
+    // children holding 96 MiB each.
+    let script = format!(
+        "sleep 0.3; exec {} together --children 3 --mib 96",
+        workload().display()
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    tracker.start_tracking(pid).expect("start_tracking");
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    // Before any clean-up by stop_tracking: the kernel side forgot every task and address space of
+    // the tree by itself as each exited and was torn down.
+    assert_eq!(
+        tracker.kernel_map_entries(),
+        Some((0, 0)),
+        "entries of an exited tree remain"
+    );
+    let report = tracker.stop_tracking(pid).expect("report");
+    assert!(report.exact, "{:?}", report.inexact_reasons);
+    assert_eq!(report.backend, "ebpf");
+    assert_eq!(report.exit_code, None, "not the parent: unknown");
+    assert_eq!(
+        report.processes, 5,
+        "sh (exec'd into the workload), sleep, and 3 children"
+    );
     assert_matches_oracle(
-        "first run, 3 x 96 MiB",
-        big.sample.peak_rss_bytes,
-        big_oracle,
+        "3 x 96 MiB under a tracked pid",
+        report.peak_rss_bytes,
+        oracle_of(&output.stdout),
     );
-    // The kernel side forgot every task and every address space of the tree by itself, as each exited
-    // and was torn down; stop_tracking had nothing to clean.
-    assert_eq!(big.sample.still_running, 0);
-    assert_eq!(
-        big.sample.leftover_mms, 0,
-        "an mm of an exited tree stayed in the map"
-    );
-    assert_eq!(
-        big.sample.rss_bytes, 0,
-        "the tree total returns exactly to 0"
-    );
-    assert_eq!(tracker.map_entries(), (0, 0));
+    assert!(tracker.stop_tracking(pid).is_none(), "stopped already");
+}
 
+#[test]
+fn runs_in_one_tracker_are_independent() {
+    if !ebpf_available(module_path!()) {
+        return;
+    }
+    let mut tracker = ebpf_tracker();
+    let oracle_file =
+        std::env::temp_dir().join(format!("tracer-lib-oracle-{}", std::process::id()));
+    let mut run = |args: &str| {
+        let script = format!(
+            "exec {} {args} > {}",
+            workload().display(),
+            oracle_file.display()
+        );
+        let command: Vec<OsString> = ["sh", "-c", &script].iter().map(OsString::from).collect();
+        let report = tracer::run::run(&mut tracker, &command).expect("run");
+        let oracle = oracle_of(&std::fs::read(&oracle_file).expect("oracle file"));
+        (report, oracle)
+    };
+    let (big, big_oracle) = run("together --children 2 --mib 128");
+    assert_eq!(big.exit_code, Some(0));
+    assert!(big.exact, "{:?}", big.inexact_reasons);
+    assert_matches_oracle("first run, 2 x 128 MiB", big.peak_rss_bytes, big_oracle);
     // A smaller second run in the same tracker gets a clean slate: its own peak, not the first's.
-    let (small, small_oracle) = run_workload(&mut tracker, "hold --mib 48 --hold-ms 50");
-    assert!(small.sample.exact, "{:?}", small.sample.inexact_reasons);
-    assert_matches_oracle(
-        "second run, 48 MiB",
-        small.sample.peak_rss_bytes,
-        small_oracle,
+    let (small, small_oracle) = run("hold --mib 48 --hold-ms 50");
+    assert!(small.exact, "{:?}", small.inexact_reasons);
+    assert_matches_oracle("second run, 48 MiB", small.peak_rss_bytes, small_oracle);
+    assert_eq!(small.processes, 1);
+    assert_eq!(tracker.kernel_map_entries(), Some((0, 0)));
+    let _ = std::fs::remove_file(&oracle_file);
+}
+
+#[test]
+fn memory_held_before_tracking_starts_is_counted_once() {
+    if !ebpf_available(module_path!()) {
+        return;
+    }
+    let mut tracker = ebpf_tracker();
+    // The workload maps and touches 120 MiB at once, then holds it: start tracking while it holds.
+    let child = Command::new(workload())
+        .args(["hold", "--mib", "120", "--hold-ms", "1200"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id();
+    tracker.start_tracking(pid).expect("start_tracking");
+    let now = tracker.peek(pid).expect("peek");
+    assert!(
+        now.rss_bytes > 120 << 20,
+        "seeded with the running process's RSS: {now:?}"
     );
-    assert_eq!(small.sample.processes, 1);
-    assert_eq!(tracker.map_entries(), (0, 0));
+    assert!(now.peak_rss_bytes as i64 >= now.rss_bytes);
+    let output = child.wait_with_output().unwrap();
+    let report = tracker.stop_tracking(pid).expect("report");
+    assert!(report.exact, "{:?}", report.inexact_reasons);
+    // Not twice: the first events of the bound mm move the tree by the change since the seed only.
+    assert_matches_oracle(
+        "120 MiB held when tracking started",
+        report.peak_rss_bytes,
+        oracle_of(&output.stdout),
+    );
+    assert_eq!(tracker.kernel_map_entries(), Some((0, 0)));
 }
 
 #[test]
@@ -74,18 +152,57 @@ fn descendants_left_running_are_removed_from_the_maps() {
     if !ebpf_available(module_path!()) {
         return;
     }
-    let mut tracker = EbpfTracker::load().expect("loading the eBPF backend");
+    let mut tracker = ebpf_tracker();
     // The shell exits at once, leaving a background sleep (and its address space) behind.
     let command: Vec<OsString> = ["sh", "-c", "sleep 2 & exit 0"]
         .iter()
         .map(OsString::from)
         .collect();
-    let outcome = run_tracked(&mut tracker, &command).expect("run_tracked");
-    assert_eq!(outcome.sample.still_running, 1, "the background sleep");
-    assert!(outcome.sample.leftover_mms >= 1);
+    let report = tracer::run::run(&mut tracker, &command).expect("run");
+    assert_eq!(report.still_running, 1, "the background sleep");
     assert_eq!(
-        tracker.map_entries(),
-        (0, 0),
+        tracker.kernel_map_entries(),
+        Some((0, 0)),
         "stop_tracking removes what is left"
     );
+}
+
+#[test]
+fn many_pids_tracked_at_once_with_polling() {
+    let options = TrackerOptions {
+        backend: BackendChoice::Poll,
+        interval: Duration::from_millis(20),
+    };
+    let mut tracker = MemoryTracker::with_options(options).expect("polling tracker");
+    assert_eq!(tracker.backend(), BackendKind::Poll);
+    let mut children: Vec<_> = [40, 80]
+        .into_iter()
+        .map(|mib| {
+            let args = ["hold", "--mib", &mib.to_string(), "--hold-ms", "600"].map(String::from);
+            let child = Command::new(workload())
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            tracker.start_tracking(child.id()).expect("start_tracking");
+            (mib, child)
+        })
+        .collect();
+    assert_eq!(tracker.tracked().count(), 2);
+    for (mib, child) in children.drain(..) {
+        let pid = child.id();
+        let output = child.wait_with_output().unwrap();
+        let report = tracker.stop_tracking(pid).expect("report");
+        assert_eq!(report.backend, "poll");
+        assert!(!report.exact);
+        assert!(report.samples.unwrap() >= 10, "{report:?}");
+        // Held for 30 intervals: polling sees it (within 2%).
+        let oracle = oracle_of(&output.stdout);
+        let diff = report.peak_rss_bytes.abs_diff(oracle);
+        assert!(
+            diff <= oracle / 50,
+            "{mib} MiB: poll peak {} vs oracle {oracle}",
+            report.peak_rss_bytes
+        );
+    }
 }

@@ -16,6 +16,7 @@ pub const MAP_TASKS: &str = "TASKS";
 pub const MAP_MMS: &str = "MMS";
 pub const MAP_TREES: &str = "TREES";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_SEEDS: &str = "SEEDS";
 
 /// Capacity of the maps. Tasks and mms are preallocated hash maps: a full map is counted
 /// ([`Counter::TasksFull`], [`Counter::MmsFull`]) and makes the affected result inexact.
@@ -24,6 +25,8 @@ pub const MAX_MMS: u32 = 65_536;
 /// Trees are slots of an array map (an array lookup is inlined by the verifier: cheaper than a hash
 /// lookup on the `rss_stat` hot path). Userspace owns slot allocation.
 pub const MAX_TREES: u32 = 1_024;
+/// Processes already running when tracking starts, waiting for their mm to be bound.
+pub const MAX_SEEDS: u32 = 8_192;
 
 /// Value of `TASKS` (key: host tid).
 #[repr(C)]
@@ -55,6 +58,24 @@ pub struct MmState {
     pub rss: i64,
     /// Peak of `rss`.
     pub peak: i64,
+}
+
+/// Value of `SEEDS` (key: tgid): the `rss_stat` members of a process that was already running when
+/// tracking started, read by userspace from `/proc/PID/status` and already added to its tree. Its mm
+/// id is unknown to userspace, so the mm's state starts from these values when the process itself
+/// first emits an event for its own mm (`curr = 1`); the first event then moves the tree by the
+/// change since the seed was read, not by the whole value again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seed {
+    pub members: [i64; NR_MEMBERS],
+}
+
+impl Seed {
+    /// file + anon + shmem.
+    pub const fn rss(&self) -> i64 {
+        self.members[MM_FILEPAGES] + self.members[MM_ANONPAGES] + self.members[MM_SHMEMPAGES]
+    }
 }
 
 /// Value of `TREES` (index: slot).
@@ -144,4 +165,5 @@ mod user {
     unsafe impl aya::Pod for super::TaskState {}
     unsafe impl aya::Pod for super::MmState {}
     unsafe impl aya::Pod for super::TreeState {}
+    unsafe impl aya::Pod for super::Seed {}
 }

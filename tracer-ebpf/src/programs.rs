@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 use tracer_common::{
-    Counter, MAX_MMS, MAX_TASKS, MAX_TREES, MmState, NR_COUNTERS, NR_MEMBERS, Outcome,
-    TASK_PENDING_EXEC, TaskState, TreeState, apply_rss_event, atomic,
+    Counter, MAX_MMS, MAX_SEEDS, MAX_TASKS, MAX_TREES, MmState, NR_COUNTERS, NR_MEMBERS, Outcome,
+    Seed, TASK_PENDING_EXEC, TaskState, TreeState, apply_rss_event, atomic,
     format::{RSS_STAT_CURR, RSS_STAT_MEMBER, RSS_STAT_MM_ID, RSS_STAT_SIZE},
 };
 
@@ -19,6 +19,10 @@ static TASKS: HashMap<u32, TaskState> = HashMap::with_max_entries(MAX_TASKS, 0);
 /// Address spaces (`rss_stat` `mm_id`) bound to a tree.
 #[map]
 static MMS: HashMap<u32, MmState> = HashMap::with_max_entries(MAX_MMS, 0);
+
+/// Running processes added by userspace with their RSS, until their mm is bound (see `Seed`).
+#[map]
+static SEEDS: HashMap<u32, Seed> = HashMap::with_max_entries(MAX_SEEDS, 0);
 
 /// Per-tree totals, by slot.
 #[map]
@@ -139,11 +143,22 @@ fn bind_mm(mm_id: u32, curr: bool) -> Option<*mut MmState> {
         // Still the tracer's pre-exec copy (or an exec in progress): nothing of the command yet.
         return None;
     }
-    let state = MmState {
+    let tgid = (pid_tgid >> 32) as u32;
+    let mut state = MmState {
         tree: tree_slot,
-        owner_tgid: if curr { (pid_tgid >> 32) as u32 } else { 0 },
+        owner_tgid: if curr { tgid } else { 0 },
         ..MmState::default()
     };
+    if curr {
+        // A process that was running when tracking started: its RSS is already in the tree.
+        if let Some(seed) = SEEDS.get_ptr(tgid) {
+            let seed = unsafe { *seed };
+            state.last = seed.members;
+            state.rss = seed.rss();
+            state.peak = state.rss;
+            let _ = SEEDS.remove(tgid);
+        }
+    }
     // BPF_NOEXIST: if another CPU bound it first, keep its entry and use it.
     if MMS.insert(mm_id, state, 1).is_ok() {
         if let Some(tree) = tree(tree_slot) {
@@ -243,6 +258,16 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if tgid == pid {
             unsafe { atomic::add(&raw mut (*tree).exited_processes, 1) };
+            if let Some(seed) = SEEDS.get_ptr(pid) {
+                // Seeded but never bound: its teardown will come from an untracked task and not be
+                // seen, so take its seed out of the tree now.
+                let seed = unsafe { *seed };
+                for member in 0..NR_MEMBERS {
+                    unsafe { atomic::add(&raw mut (*tree).members[member], -seed.members[member]) };
+                }
+                unsafe { atomic::add(&raw mut (*tree).rss, -seed.rss()) };
+                let _ = SEEDS.remove(pid);
+            }
         }
     }
     0

@@ -1,6 +1,6 @@
 //! Command-line options.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::{ffi::OsString, path::PathBuf};
 
 /// Exact peak memory (RSS) of a whole process tree, measured in the kernel with eBPF.
@@ -22,6 +22,8 @@ pub enum Command {
         /// Also write the JSON report to FILE (`-` for stdout).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArgs,
         /// Print the BPF programs' run counts and times on stderr at the end (needs
         /// `sysctl kernel.bpf_stats_enabled=1`; for benchmarks).
         #[arg(long, hide = true)]
@@ -35,4 +37,23 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+}
+
+/// Backend selection, shared by the subcommands.
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// `ebpf`: exact, in-kernel (Linux, root or CAP_BPF+CAP_PERFMON); `poll`: samples every
+    /// --interval; `auto`: eBPF when it can load, else poll (and say why).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Sampling interval of the polling backend, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Backend {
+    Auto,
+    Ebpf,
+    Poll,
 }

@@ -5,11 +5,14 @@ use crate::error::LoadError;
 /// The kernel release (`uname -r`) and what it implies for `kmem:rss_stat`.
 #[derive(Debug, Clone)]
 pub struct Kernel {
+    /// `uname -r`.
     pub release: String,
+    /// (major, minor); (0, 0) when the release cannot be parsed.
     pub version: (u32, u32),
 }
 
 impl Kernel {
+    /// The running kernel.
     pub fn current() -> Kernel {
         let release = nix::sys::utsname::uname()
             .map(|uts| uts.release().to_string_lossy().into_owned())

@@ -2,7 +2,10 @@ mod cli;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use std::{io::Write as _, path::Path, process::ExitCode};
+use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Duration};
+use tracer::{
+    BackendChoice, BackendKind, MemoryTracker, PeakReport, TrackerOptions, run::RunError,
+};
 
 /// Exit status when tracer itself fails before or around the command (like `env`, `timeout`).
 const TRACER_FAILED: u8 = 125;
@@ -12,30 +15,34 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Run {
             json,
+            backend,
             bpf_stats,
             command,
-        } => run(&command, json.as_deref(), bpf_stats),
+        } => run(&command, json.as_deref(), &backend, bpf_stats),
     }
 }
 
-#[cfg(target_os = "linux")]
-fn run(command: &[std::ffi::OsString], json: Option<&Path>, bpf_stats: bool) -> ExitCode {
-    use tracer::{ebpf::EbpfTracker, run::RunError, spawn};
-
+fn run(
+    command: &[OsString],
+    json: Option<&Path>,
+    backend: &cli::BackendArgs,
+    bpf_stats: bool,
+) -> ExitCode {
     // A missing command is the first thing to say, privileged or not.
-    if let Err(err) = spawn::resolve_program(&command[0]) {
+    #[cfg(target_os = "linux")]
+    if let Err(err) = tracer::spawn::resolve_program(&command[0]) {
         eprintln!("tracer: {err}");
         return ExitCode::from(err.exit_code() as u8);
     }
-    let mut tracker = match EbpfTracker::load() {
+    let mut tracker = match open_tracker(backend) {
         Ok(tracker) => tracker,
         Err(err) => {
             eprintln!("tracer: error: {}", chain(&err));
             return ExitCode::from(TRACER_FAILED);
         }
     };
-    let outcome = match tracer::run::run_tracked(&mut tracker, command) {
-        Ok(outcome) => outcome,
+    let report = match tracer::run::run(&mut tracker, command) {
+        Ok(report) => report,
         Err(RunError::Spawn(err)) => {
             eprintln!("tracer: {err}");
             return ExitCode::from(err.exit_code() as u8);
@@ -45,47 +52,63 @@ fn run(command: &[std::ffi::OsString], json: Option<&Path>, bpf_stats: bool) -> 
             return ExitCode::from(TRACER_FAILED);
         }
     };
-    let report = outcome.report(&tracker.kernel().release);
     eprintln!("{}", report.human_line());
-    if !report.exact {
+    if !report.exact && tracker.backend() == BackendKind::Ebpf {
         eprintln!(
             "tracer: warning: the peak may be inexact: {}",
             report.inexact_reasons.join("; ")
         );
     }
-    if outcome.sample.still_running > 0 {
+    if report.still_running > 0 {
         eprintln!(
             "tracer: note: {} task(s) of the tree outlived the command; the peak covers the time until \
              it exited",
-            outcome.sample.still_running
+            report.still_running
         );
+    }
+    if bpf_stats {
+        print_bpf_stats(&tracker);
     }
     if let Some(Err(err)) = json.map(|path| write_json(path, &report)) {
         eprintln!("tracer: error: {err:#}");
     }
-    if bpf_stats {
-        for stats in tracker.program_stats() {
-            let per_run = stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64;
-            eprintln!(
-                "tracer: bpf-stats: {} runs={} run_time_ns={} ns_per_run={per_run:.1} missed={}",
-                stats.name,
-                stats.runs,
-                stats.run_time.as_nanos(),
-                stats.missed
-            );
-        }
-    }
     tracker.detach_in_background();
-    ExitCode::from(report.exit_code.clamp(0, 255) as u8)
+    ExitCode::from(report.exit_code.unwrap_or(0).clamp(0, 255) as u8)
 }
 
-#[cfg(not(target_os = "linux"))]
-fn run(_command: &[std::ffi::OsString], _json: Option<&Path>, _bpf_stats: bool) -> ExitCode {
-    eprintln!("tracer: error: {}", tracer::error::LoadError::NotLinux);
-    ExitCode::from(TRACER_FAILED)
+/// The tracker the options ask for; says on one line why eBPF was not used when `auto` fell back.
+fn open_tracker(args: &cli::BackendArgs) -> Result<MemoryTracker, tracer::error::LoadError> {
+    let interval = Duration::from_millis(args.interval);
+    let backend = match args.backend {
+        cli::Backend::Auto => BackendChoice::Auto,
+        cli::Backend::Ebpf => BackendChoice::Ebpf,
+        cli::Backend::Poll => BackendChoice::Poll,
+    };
+    let tracker = MemoryTracker::with_options(TrackerOptions { backend, interval })?;
+    if let Some(reason) = tracker.fallback_reason() {
+        eprintln!(
+            "tracer: eBPF unavailable ({reason}); polling every {} ms instead: spikes shorter than that \
+             may be missed",
+            interval.as_millis()
+        );
+    }
+    Ok(tracker)
 }
 
-fn write_json(path: &Path, report: &tracer::report::PeakReport) -> anyhow::Result<()> {
+fn print_bpf_stats(tracker: &MemoryTracker) {
+    for stats in tracker.program_stats() {
+        let per_run = stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64;
+        eprintln!(
+            "tracer: bpf-stats: {} runs={} run_time_ns={} ns_per_run={per_run:.1} missed={}",
+            stats.name,
+            stats.runs,
+            stats.run_time.as_nanos(),
+            stats.missed
+        );
+    }
+}
+
+fn write_json(path: &Path, report: &PeakReport) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(report).context("serialising the report")?;
     text.push('\n');
     if path == Path::new("-") {

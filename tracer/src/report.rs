@@ -1,4 +1,5 @@
 //! What a measurement reports: the tree's numbers, the JSON report and the one-line human summary.
+//! Units: JSON carries raw bytes and milliseconds; the human line rounds, with decimal units.
 
 use serde::Serialize;
 use std::time::Duration;
@@ -6,59 +7,125 @@ use std::time::Duration;
 /// Resident memory at the peak moment, by kind (`rss_stat` members).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PeakBreakdown {
+    /// Anonymous pages (heap, stacks, private mappings).
     pub anon_bytes: u64,
+    /// File-backed pages (binaries, libraries, mapped files).
     pub file_bytes: u64,
+    /// Shared memory pages (tmpfs, `MAP_SHARED|MAP_ANONYMOUS`, SysV shm).
     pub shmem_bytes: u64,
 }
 
-/// A tracked tree's numbers at one moment (or at its end).
+/// A tracked tree's numbers at one moment (or at its end), as a backend measures them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TreeSample {
-    /// Live file + anon + shmem RSS summed over the tree's processes.
+    /// Live RSS summed over the tree's processes.
     pub rss_bytes: i64,
     /// Highest value `rss_bytes` reached.
     pub peak_rss_bytes: u64,
-    /// The split of the peak.
+    /// The split of the peak (eBPF only; zeros from the polling backend).
     pub peak_breakdown: PeakBreakdown,
     /// Highest swap use of the tree (swap entries are not resident, so not part of the peak).
     pub peak_swap_bytes: u64,
-    /// Distinct processes seen (thread-group leaders: exited ones, plus those still running at stop).
+    /// Distinct processes seen.
     pub processes: u64,
-    /// Address spaces (mms) bound to the tree: one per process, plus one per exec.
+    /// Address spaces (mms) bound to the tree: one per process, plus one per exec (eBPF only).
     pub address_spaces: u64,
-    /// Tracked tasks (threads included) still running.
+    /// Tracked tasks (eBPF: threads included; polling: processes) still running.
     pub still_running: u64,
-    /// Address spaces of the tree still in the map when tracking stopped (removed then). Zero when the
-    /// kernel side saw every teardown; non-zero with processes still running is normal.
+    /// Address spaces of the tree still in the kernel map when tracking stopped (removed then). Zero
+    /// when the kernel side saw every teardown; non-zero with processes still running is normal.
     pub leftover_mms: u64,
+    /// The largest high-water mark the OS keeps for any single process of the tree (Linux `VmHWM`,
+    /// Windows peak working set): a lower bound of the tree peak even for spikes between samples.
+    pub largest_process_peak_bytes: Option<u64>,
+    /// Polling only: samples taken and the interval between them.
+    pub samples: Option<u64>,
+    /// Polling only: the sampling interval.
+    pub interval: Option<Duration>,
     /// False when anything that can make the numbers wrong happened; see `inexact_reasons`.
     pub exact: bool,
+    /// What happened that can make the numbers wrong.
     pub inexact_reasons: Vec<String>,
 }
 
-/// The JSON report of `tracer run` (schema in the README).
+/// The report of one tracked tree: what `tracer run` prints as JSON and what
+/// [`MemoryTracker::stop_tracking`](crate::MemoryTracker::stop_tracking) returns. Schema in the README.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeakReport {
+    /// The command and its arguments (for a tracked pid: its command line when tracking started).
     pub command: Vec<String>,
-    /// The status tracer exits with: the command's exit code, or 128 + N when killed by signal N.
-    pub exit_code: i32,
+    /// The command's exit status: its exit code, or 128 + N when killed by signal N. `None` when
+    /// tracer is not the command's parent (library tracking of a pid), so it never learns it.
+    pub exit_code: Option<i32>,
     /// The signal that killed the command, if any.
     pub signal: Option<i32>,
+    /// From the start of tracking (the command's exec for `tracer run`) to its end.
     pub duration_ms: u64,
+    /// Highest summed RSS of the tree.
     pub peak_rss_bytes: u64,
+    /// Split of the peak by kind of memory.
     pub peak_breakdown: PeakBreakdown,
+    /// Highest swap use of the tree.
     pub peak_swap_bytes: u64,
+    /// Distinct processes of the tree seen.
     pub processes: u64,
+    /// Tasks of the tree still running when the report was made (they are no longer followed).
+    pub still_running: u64,
+    /// See [`TreeSample::largest_process_peak_bytes`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub largest_process_peak_bytes: Option<u64>,
+    /// `"ebpf"` or `"poll"`.
     pub backend: &'static str,
+    /// Polling only: the sampling interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Polling only: the number of samples taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    /// False when the numbers may be wrong (always false for polling); see `inexact_reasons`.
     pub exact: bool,
+    /// Why the numbers may be wrong.
     pub inexact_reasons: Vec<String>,
+    /// The OS release (`uname -r` on Linux).
     pub kernel: String,
 }
 
 impl PeakReport {
+    /// A report from a backend's final sample.
+    pub fn from_sample(
+        sample: TreeSample,
+        backend: &'static str,
+        command: Vec<String>,
+        duration: Duration,
+        kernel: String,
+    ) -> PeakReport {
+        PeakReport {
+            command,
+            exit_code: None,
+            signal: None,
+            duration_ms: duration.as_millis() as u64,
+            peak_rss_bytes: sample.peak_rss_bytes,
+            peak_breakdown: sample.peak_breakdown,
+            peak_swap_bytes: sample.peak_swap_bytes,
+            processes: sample.processes,
+            still_running: sample.still_running,
+            largest_process_peak_bytes: sample.largest_process_peak_bytes,
+            backend,
+            interval_ms: sample.interval.map(|interval| interval.as_millis() as u64),
+            samples: sample.samples,
+            exact: sample.exact,
+            inexact_reasons: sample.inexact_reasons,
+            kernel,
+        }
+    }
+
     /// `✔  make -j2 (2.5s) (peak: 256MB)`, with `✖` when the command failed or was killed.
     pub fn human_line(&self) -> String {
-        let mark = if self.exit_code == 0 { '✔' } else { '✖' };
+        let mark = if self.exit_code.unwrap_or(0) == 0 {
+            '✔'
+        } else {
+            '✖'
+        };
         format!(
             "{mark}  {} ({}) (peak: {})",
             shell_words(&self.command),
@@ -122,23 +189,17 @@ mod tests {
 
     #[test]
     fn human_line_in_the_seed_style() {
-        let report = PeakReport {
-            command: vec!["make".into(), "-j2".into()],
-            exit_code: 0,
-            signal: None,
-            duration_ms: 2_500,
+        let sample = TreeSample {
             peak_rss_bytes: 256_000_000,
-            peak_breakdown: PeakBreakdown::default(),
-            peak_swap_bytes: 0,
-            processes: 3,
-            backend: "ebpf",
-            exact: true,
-            inexact_reasons: vec![],
-            kernel: "6.18".into(),
+            ..TreeSample::default()
         };
+        let command = vec!["make".into(), "-j2".into()];
+        let duration = Duration::from_millis(2_500);
+        let mut report = PeakReport::from_sample(sample, "ebpf", command, duration, "6.18".into());
+        report.exit_code = Some(0);
         assert_eq!(report.human_line(), "✔  make -j2 (2.5s) (peak: 256MB)");
         let failed = PeakReport {
-            exit_code: 2,
+            exit_code: Some(2),
             ..report
         };
         assert!(failed.human_line().starts_with("✖  make -j2"));

@@ -1,92 +1,132 @@
 //! `tracer run`: start a command as a tracked tree, wait for it, and report its peak.
 
 use crate::{
-    ebpf::EbpfTracker,
+    MemoryTracker,
     error::{SpawnError, TrackError},
-    report::{PeakReport, TreeSample},
-    spawn::{self, Exit},
+    report::PeakReport,
 };
-use std::{
-    ffi::OsString,
-    time::{Duration, Instant},
-};
+use std::ffi::OsString;
 use thiserror::Error;
 
+/// Why a command could not be run and measured.
 #[derive(Debug, Error)]
 pub enum RunError {
+    /// The command could not be started (not found, not executable...).
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    /// Tracking could not start.
     #[error("tracking the command failed")]
     Track(#[from] TrackError),
+    /// The backend returned no report for the command.
+    #[error("the command's tree was not being tracked")]
+    NotTracked,
 }
 
-/// How a tracked command went.
-#[derive(Debug, Clone)]
-pub struct RunOutcome {
-    pub command: Vec<OsString>,
-    pub exit: Exit,
-    pub duration: Duration,
-    pub sample: TreeSample,
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
 }
 
-/// Runs `command` (program and arguments) as a tracked tree and waits for it to exit. Signals that
-/// tracer receives meanwhile are forwarded (see [`spawn::RunningChild::wait`]); forwarding goes to one
-/// command per process, so run one command at a time when relying on it.
-pub fn run_tracked(
-    tracker: &mut EbpfTracker,
+impl Exit {
+    /// The status a shell reports: the exit code, or 128 + N for signal N.
+    pub fn status(self) -> i32 {
+        match self {
+            Exit::Code(code) => code,
+            Exit::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+/// Runs `command` (program and arguments) as a tracked tree, waits for it to exit and returns its
+/// report, with `exit_code` and `signal` filled in.
+///
+/// With eBPF the command is held between fork and exec until its pid is registered, so it is tracked
+/// from its first instruction; with polling, tracking starts right after it is spawned. On Linux,
+/// SIGINT, SIGTERM and SIGHUP sent to this process meanwhile are forwarded to the command (one
+/// command per process at a time).
+pub fn run(tracker: &mut MemoryTracker, command: &[OsString]) -> Result<PeakReport, RunError> {
+    let words: Vec<String> = command
+        .iter()
+        .map(|word| word.to_string_lossy().into_owned())
+        .collect();
+    let (pid, exit) = spawn_and_wait(tracker, command, words.clone())?;
+    let mut report = tracker.stop_tracking(pid).ok_or(RunError::NotTracked)?;
+    report.command = words;
+    report.exit_code = Some(exit.status());
+    report.signal = match exit {
+        Exit::Signal(signal) => Some(signal),
+        Exit::Code(_) => None,
+    };
+    Ok(report)
+}
+
+#[cfg(target_os = "linux")]
+fn spawn_and_wait(
+    tracker: &mut MemoryTracker,
     command: &[OsString],
-) -> Result<RunOutcome, RunError> {
-    let held = spawn::spawn_held(command)?;
-    let tree = match tracker.track_before_exec(held.pid()) {
-        Ok(tree) => tree,
+    words: Vec<String>,
+) -> Result<(u32, Exit), RunError> {
+    let held = crate::spawn::spawn_held(command)?;
+    let pid = held.pid();
+    let before_exec = match tracker.start_tracking_before_exec(pid, words) {
+        Ok(registered) => registered,
         Err(err) => {
             held.abandon();
             return Err(err.into());
         }
     };
-    let start = Instant::now();
     let running = match held.release(&command[0]) {
         Ok(running) => running,
         Err(err) => {
-            let _ = tracker.stop_tracking(tree);
+            tracker.stop_tracking(pid);
             return Err(err.into());
         }
     };
-    let waited = running.wait();
-    let duration = start.elapsed();
-    let sample = tracker.stop_tracking(tree)?;
-    Ok(RunOutcome {
-        command: command.to_vec(),
-        exit: waited?,
-        duration,
-        sample,
-    })
+    if !before_exec {
+        tracker.start_tracking(pid)?;
+    }
+    let exit = running.wait()?;
+    Ok((pid, exit))
 }
 
-impl RunOutcome {
-    /// The JSON/human report of this run.
-    pub fn report(&self, kernel: &str) -> PeakReport {
-        let sample = &self.sample;
-        PeakReport {
-            command: self
-                .command
-                .iter()
-                .map(|arg| arg.to_string_lossy().into_owned())
-                .collect(),
-            exit_code: self.exit.status(),
-            signal: match self.exit {
-                Exit::Signal(signal) => Some(signal),
-                Exit::Code(_) => None,
-            },
-            duration_ms: self.duration.as_millis() as u64,
-            peak_rss_bytes: sample.peak_rss_bytes,
-            peak_breakdown: sample.peak_breakdown,
-            peak_swap_bytes: sample.peak_swap_bytes,
-            processes: sample.processes,
-            backend: "ebpf",
-            exact: sample.exact,
-            inexact_reasons: sample.inexact_reasons.clone(),
-            kernel: kernel.to_string(),
-        }
-    }
+#[cfg(not(target_os = "linux"))]
+fn spawn_and_wait(
+    tracker: &mut MemoryTracker,
+    command: &[OsString],
+    _words: Vec<String>,
+) -> Result<(u32, Exit), RunError> {
+    let program = command.first().ok_or(SpawnError::Empty)?;
+    let mut child = std::process::Command::new(program)
+        .args(&command[1..])
+        .spawn()
+        .map_err(|err| {
+            let name = program.to_string_lossy().into_owned();
+            match err.kind() {
+                std::io::ErrorKind::NotFound => SpawnError::NotFound(name),
+                _ => SpawnError::NotExecutable {
+                    program: name,
+                    reason: err.to_string(),
+                },
+            }
+        })?;
+    let pid = child.id();
+    tracker.start_tracking(pid)?;
+    let status = child.wait().map_err(|source| SpawnError::Os {
+        what: "waiting for the command",
+        source,
+    })?;
+    #[cfg(unix)]
+    let exit = {
+        use std::os::unix::process::ExitStatusExt as _;
+        status
+            .signal()
+            .map_or(Exit::Code(status.code().unwrap_or(1)), Exit::Signal)
+    };
+    #[cfg(not(unix))]
+    let exit = Exit::Code(status.code().unwrap_or(1));
+    Ok((pid, exit))
 }

@@ -5,7 +5,7 @@
 //! exec that the held child cannot reach.) A second, close-on-exec pipe carries `errno` back if the
 //! exec fails, so "command not found" is told apart from the command's own exit status 127.
 
-use crate::error::SpawnError;
+use crate::{error::SpawnError, run::Exit};
 use nix::{
     errno::Errno,
     fcntl::OFlag,
@@ -34,23 +34,6 @@ pub struct HeldChild {
     gate: File,
     exec_error: File,
     forwarding: SignalForwarding,
-}
-
-/// How the command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-}
-
-impl Exit {
-    /// The status a shell reports: the exit code, or 128 + N for signal N.
-    pub fn status(self) -> i32 {
-        match self {
-            Exit::Code(code) => code,
-            Exit::Signal(signal) => 128 + signal,
-        }
-    }
 }
 
 /// Finds the program like `execvp` would, so a missing or non-executable command is reported before
@@ -130,7 +113,12 @@ pub fn spawn_held(command: &[OsString]) -> Result<HeldChild, SpawnError> {
     let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|arg| arg.as_ptr()).collect();
     argv.push(std::ptr::null());
 
-    let os = |what| move |source| SpawnError::Os { what, source };
+    let os = |what| {
+        move |errno: Errno| SpawnError::Os {
+            what,
+            source: errno.into(),
+        }
+    };
     // Installed before fork, so no signal can kill tracer between the command's start and its report.
     let forwarding = SignalForwarding::install();
     let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC).map_err(os("creating the start pipe"))?;
@@ -295,21 +283,25 @@ impl Drop for SignalForwarding {
 }
 
 impl RunningChild {
+    /// The command's pid.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
     }
 
     /// Waits for the command to end; signals meanwhile are forwarded to it.
+    ///
+    /// (Its `ru_maxrss` is not used as a lower bound of the tree's peak: it includes the image the
+    /// command exec'd from, here a copy of tracer.)
     pub fn wait(self) -> Result<Exit, SpawnError> {
         loop {
             match waitpid(self.pid, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(Exit::Code(code)),
                 Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Exit::Signal(signal as i32)),
                 Ok(_) | Err(Errno::EINTR) => continue,
-                Err(source) => {
+                Err(errno) => {
                     return Err(SpawnError::Os {
                         what: "waiting for the command",
-                        source,
+                        source: errno.into(),
                     });
                 }
             }

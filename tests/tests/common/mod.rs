@@ -109,11 +109,17 @@ impl Traced {
 
 /// Runs `tracer run --json FILE -- args...` and parses the report.
 pub fn tracer_run(args: &[&str]) -> Traced {
+    tracer_run_with(&[], args)
+}
+
+/// Runs `tracer run OPTIONS --json FILE -- args...` and parses the report.
+pub fn tracer_run_with(options: &[&str], args: &[&str]) -> Traced {
     let dir = std::env::temp_dir().join(format!("tracer-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json = dir.join(format!("report-{}.json", unique()));
     let output = Command::new(tracer())
         .arg("run")
+        .args(options)
         .arg("--json")
         .arg(&json)
         .arg("--")
@@ -137,10 +143,15 @@ pub fn tracer_run(args: &[&str]) -> Traced {
 
 /// `tracer run` of the workload binary with `args`.
 pub fn trace_workload(args: &[&str]) -> Traced {
+    trace_workload_with(&[], args)
+}
+
+/// `tracer run OPTIONS` of the workload binary with `args`.
+pub fn trace_workload_with(options: &[&str], args: &[&str]) -> Traced {
     let workload = workload();
     let mut all = vec![workload.to_str().expect("utf-8 path")];
     all.extend_from_slice(args);
-    tracer_run(&all)
+    tracer_run_with(options, &all)
 }
 
 fn unique() -> u64 {

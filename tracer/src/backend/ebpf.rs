@@ -1,8 +1,10 @@
 //! The eBPF backend: loads tracer's kernel programs and keeps per-tree peaks in their maps.
 
+use super::{Backend, BackendKind, ProgramStats};
 use crate::{
     error::{LoadError, TrackError},
     kernel::{self, Kernel},
+    proc,
     report::{PeakBreakdown, TreeSample},
     tracefs,
 };
@@ -13,8 +15,9 @@ use aya::{
 };
 use std::{collections::HashMap as StdHashMap, os::fd::AsFd as _};
 use tracer_common::{
-    Counter, MAP_COUNTERS, MAP_MMS, MAP_TASKS, MAP_TREES, MAX_TREES, MM_ANONPAGES, MM_FILEPAGES,
-    MM_SHMEMPAGES, MmState, NR_COUNTERS, TASK_PENDING_EXEC, TaskState, TreeState, format,
+    Counter, MAP_COUNTERS, MAP_MMS, MAP_SEEDS, MAP_TASKS, MAP_TREES, MAX_TREES, MM_ANONPAGES,
+    MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, MmState, NR_COUNTERS, NR_MEMBERS, Seed,
+    TASK_PENDING_EXEC, TaskState, TreeState, format,
 };
 
 /// The BPF object, built from `tracer-ebpf` by build.rs.
@@ -32,19 +35,13 @@ const PROGRAMS: [(&str, &str, &str); 4] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TreeId(u32);
 
-/// Kernel-side run statistics of one program (see [`EbpfTracker::program_stats`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ProgramStats {
-    pub name: &'static str,
-    pub runs: u64,
-    pub run_time: std::time::Duration,
-    /// Times the kernel skipped the program (see `recursion_misses`); always counted.
-    pub missed: u64,
-}
-
 struct ActiveTree {
     counters_at_start: [u64; NR_COUNTERS as usize],
     missed_at_start: u64,
+    /// Processes given a seed when the tree started (their seeds go once their mm binds or they exit).
+    seeded: Vec<u32>,
+    /// Tasks registered after the tree's totals went live, so not counted in its `live_tasks`.
+    late_tasks: i64,
 }
 
 /// Loaded and attached BPF programs and their maps. Each tracker has its own maps, so several tracers
@@ -54,9 +51,12 @@ pub struct EbpfTracker {
     ebpf: Ebpf,
     tasks: HashMap<MapData, u32, TaskState>,
     mms: HashMap<MapData, u32, MmState>,
+    seeds: HashMap<MapData, u32, Seed>,
     trees: Array<MapData, TreeState>,
     counters: PerCpuArray<MapData, u64>,
     active: StdHashMap<u32, ActiveTree>,
+    /// Root pid → tree, for the `Backend` interface.
+    roots: StdHashMap<u32, TreeId>,
     next_slots: Vec<u32>,
     kernel: Kernel,
 }
@@ -113,6 +113,8 @@ impl EbpfTracker {
         let tasks =
             HashMap::try_from(take_map(&mut ebpf, MAP_TASKS)?).map_err(map_type(MAP_TASKS))?;
         let mms = HashMap::try_from(take_map(&mut ebpf, MAP_MMS)?).map_err(map_type(MAP_MMS))?;
+        let seeds =
+            HashMap::try_from(take_map(&mut ebpf, MAP_SEEDS)?).map_err(map_type(MAP_SEEDS))?;
         let trees =
             Array::try_from(take_map(&mut ebpf, MAP_TREES)?).map_err(map_type(MAP_TREES))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
@@ -121,9 +123,11 @@ impl EbpfTracker {
             ebpf,
             tasks,
             mms,
+            seeds,
             trees,
             counters,
             active: StdHashMap::new(),
+            roots: StdHashMap::new(),
             next_slots: (0..MAX_TREES).rev().collect(),
             kernel,
         })
@@ -138,40 +142,121 @@ impl EbpfTracker {
     /// address space (a copy of the tracer's) is not counted, everything from its exec on is, and so is
     /// every task it creates.
     pub fn track_before_exec(&mut self, pid: u32) -> Result<TreeId, TrackError> {
-        let slot = self
-            .next_slots
-            .pop()
-            .ok_or(TrackError::TooManyTrees(MAX_TREES))?;
         let tree = TreeState {
             live_tasks: 1,
             ..TreeState::default()
         };
-        let task = TaskState {
-            tree: slot,
-            flags: TASK_PENDING_EXEC,
-        };
-        let registered = self
+        self.open_tree(tree, Vec::new(), &[(pid, TASK_PENDING_EXEC)])
+    }
+
+    /// Starts a tree at the running process `pid`, with its threads and every descendant alive now.
+    /// Their current RSS (from `/proc`) is the tree's starting point: what they used before is
+    /// unknown. A process forked during this very call may be missed.
+    pub fn track_running(&mut self, pid: u32) -> Result<TreeId, TrackError> {
+        if proc::parent_of(pid).is_none() {
+            return Err(TrackError::NoSuchProcess(pid));
+        }
+        let mut tree = TreeState::default();
+        let mut seeds = Vec::new();
+        let mut tasks = Vec::new();
+        for process in proc::tree_of(pid) {
+            // rss_stat member order: file, anon, swap, shmem.
+            let Some(values) =
+                proc::status_bytes(process, &["RssFile", "RssAnon", "VmSwap", "RssShmem"])
+            else {
+                continue; // exited meanwhile, or a kernel thread
+            };
+            let mut seed = Seed::default();
+            for (member, value) in values.into_iter().enumerate().take(NR_MEMBERS) {
+                seed.members[member] = value as i64;
+                tree.members[member] += value as i64;
+            }
+            tree.rss += seed.rss();
+            seeds.push((process, seed));
+            let threads = proc::threads_of(process);
+            tree.live_tasks += threads.len() as i64;
+            tasks.extend(threads.into_iter().map(|tid| (tid, 0)));
+        }
+        tree.peak = tree.rss;
+        tree.peak_members = tree.members;
+        tree.swap_peak = tree.members[MM_SWAPENTS];
+        let id = self.open_tree(tree, seeds, &tasks)?;
+        self.register_late_descendants(id, pid);
+        Ok(id)
+    }
+
+    /// Processes forked by a not-yet-registered parent while the tree was being registered are in no
+    /// map: walk the tree again until no such process is found. Those found now are registered
+    /// without a seed (the kernel side updates the tree's totals concurrently from here on): each of
+    /// their RSS members counts from its first change on.
+    fn register_late_descendants(&mut self, id: TreeId, root: u32) {
+        for _ in 0..4 {
+            let late: Vec<u32> = proc::tree_of(root)
+                .into_iter()
+                .flat_map(proc::threads_of)
+                .filter(|tid| self.tasks.get(tid, 0).is_err())
+                .collect();
+            if late.is_empty() {
+                return;
+            }
+            for tid in late {
+                let task = TaskState {
+                    tree: id.0,
+                    flags: 0,
+                };
+                if self.tasks.insert(tid, task, 0).is_ok()
+                    && let Some(active) = self.active.get_mut(&id.0)
+                {
+                    active.late_tasks += 1;
+                }
+            }
+        }
+    }
+
+    /// Registers a tree: its totals, then the seeds, then the tasks (an mm can only bind once its
+    /// task is registered, and must find its seed then).
+    fn open_tree(
+        &mut self,
+        tree: TreeState,
+        seeds: Vec<(u32, Seed)>,
+        tasks: &[(u32, u32)],
+    ) -> Result<TreeId, TrackError> {
+        let slot = self
+            .next_slots
+            .pop()
+            .ok_or(TrackError::TooManyTrees(MAX_TREES))?;
+        let mut registered = self
             .trees
             .set(slot, tree, 0)
-            .map_err(map_err(MAP_TREES, "reset"))
-            .and_then(|()| {
-                self.tasks
-                    .insert(pid, task, 0)
-                    .map_err(map_err(MAP_TASKS, "insert"))
-            });
+            .map_err(map_err(MAP_TREES, "reset"));
+        for (tgid, seed) in &seeds {
+            if registered.is_ok() {
+                registered = self
+                    .seeds
+                    .insert(tgid, seed, 0)
+                    .map_err(map_err(MAP_SEEDS, "insert"));
+            }
+        }
+        for &(tid, flags) in tasks {
+            if registered.is_ok() {
+                let task = TaskState { tree: slot, flags };
+                registered = self
+                    .tasks
+                    .insert(tid, task, 0)
+                    .map_err(map_err(MAP_TASKS, "insert"));
+            }
+        }
+        let active = ActiveTree {
+            counters_at_start: self.counter_totals(),
+            missed_at_start: self.missed_events(),
+            seeded: seeds.into_iter().map(|(tgid, _)| tgid).collect(),
+            late_tasks: 0,
+        };
+        self.active.insert(slot, active);
         if let Err(err) = registered {
-            self.next_slots.push(slot);
+            let _ = self.stop_tracking(TreeId(slot));
             return Err(err);
         }
-        let counters_at_start = self.counter_totals();
-        let missed_at_start = self.missed_events();
-        self.active.insert(
-            slot,
-            ActiveTree {
-                counters_at_start,
-                missed_at_start,
-            },
-        );
         Ok(TreeId(slot))
     }
 
@@ -210,7 +295,9 @@ impl EbpfTracker {
                  (another BPF program was running on that CPU)"
             ));
         }
-        Ok(sample(&tree, reasons))
+        let mut sample = sample(&tree, reasons);
+        sample.still_running = (tree.live_tasks + active.late_tasks).max(0) as u64;
+        Ok(sample)
     }
 
     /// Events the kernel did not deliver to our programs: a tracepoint program is skipped when a BPF
@@ -238,7 +325,7 @@ impl EbpfTracker {
         }
         sample.processes += leftover_tasks
             .iter()
-            .filter(|&&tid| is_process_leader(tid))
+            .filter(|&&tid| proc::is_process_leader(tid))
             .count() as u64;
         sample.still_running = leftover_tasks.len() as u64;
         let leftover_mms: Vec<u32> = self
@@ -266,6 +353,11 @@ impl EbpfTracker {
                 sample.rss_bytes
             ));
             sample.exact = false;
+        }
+        if let Some(active) = self.active.get(&slot) {
+            for tgid in &active.seeded {
+                let _ = self.seeds.remove(tgid);
+            }
         }
         self.trees
             .set(slot, TreeState::default(), 0)
@@ -427,22 +519,10 @@ fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {
         processes: bytes(tree.exited_processes),
         address_spaces: bytes(tree.mms_bound),
         still_running: bytes(tree.live_tasks),
-        leftover_mms: 0,
         exact: inexact_reasons.is_empty(),
         inexact_reasons,
+        ..TreeSample::default()
     }
-}
-
-fn is_process_leader(tid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Tgid:"))
-                .and_then(|tgid| tgid.trim().parse::<u32>().ok())
-        })
-        == Some(tid)
 }
 
 fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), LoadError> {
@@ -479,5 +559,52 @@ fn map_err(
         map,
         action,
         source,
+    }
+}
+
+impl Backend for EbpfTracker {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Ebpf
+    }
+
+    fn start_before_exec(&mut self, pid: u32) -> Result<bool, TrackError> {
+        let tree = self.track_before_exec(pid)?;
+        self.roots.insert(pid, tree);
+        Ok(true)
+    }
+
+    fn start(&mut self, pid: u32) -> Result<(), TrackError> {
+        let tree = self.track_running(pid)?;
+        self.roots.insert(pid, tree);
+        Ok(())
+    }
+
+    fn peek(&self, pid: u32) -> Option<TreeSample> {
+        self.peek(*self.roots.get(&pid)?).ok()
+    }
+
+    fn stop(&mut self, pid: u32) -> Option<TreeSample> {
+        let tree = self.roots.remove(&pid)?;
+        match self.stop_tracking(tree) {
+            Ok(sample) => Some(sample),
+            // The numbers cannot be read back: say so rather than report zeros as exact.
+            Err(err) => Some(TreeSample {
+                exact: false,
+                inexact_reasons: vec![format!("reading the kernel maps failed: {err}")],
+                ..TreeSample::default()
+            }),
+        }
+    }
+
+    fn detach_in_background(self: Box<Self>) {
+        EbpfTracker::detach_in_background(*self);
+    }
+
+    fn map_entries(&self) -> Option<(usize, usize)> {
+        Some(self.map_entries())
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        self.program_stats()
     }
 }
