@@ -21,6 +21,38 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// When a process started (clock ticks since boot): tells a process from a later one with its pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Fields after the command name start at field 3; starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Direct children of a process (from each thread's `children` list; needs CONFIG_PROC_CHILDREN).
+/// `None` when the kernel has no such file.
+pub fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let mut children = Vec::new();
+    for tid in threads_of(pid) {
+        let list = match fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            Ok(list) => list,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && tid == pid => {
+                return if fs::metadata(format!("/proc/{pid}")).is_ok() {
+                    None
+                } else {
+                    Some(children)
+                };
+            }
+            Err(_) => continue, // the thread exited meanwhile
+        };
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|child| child.parse::<u32>().ok()),
+        );
+    }
+    Some(children)
+}
+
 /// `root` and all its descendants alive now, parents before children.
 pub fn tree_of(root: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
@@ -97,9 +129,13 @@ mod tests {
     #[test]
     fn own_process() {
         let me = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+        assert!(children_of(parent).unwrap().contains(&me));
         assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
         assert!(tree_of(std::os::unix::process::parent_id()).contains(&me));
         assert!(threads_of(me).contains(&me));
+        assert!(start_time(me).unwrap() >= start_time(parent).unwrap());
+        assert!(start_time(me).unwrap() >= start_time(parent).unwrap());
         let rss = status_bytes(me, &["VmRSS", "VmHWM"]).unwrap();
         assert!(rss[0] > 0 && rss[1] >= rss[0]);
         assert!(!cmdline(me).is_empty());
