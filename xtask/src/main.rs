@@ -47,8 +47,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks (not yet implemented).
-    Bench,
+    /// Run setup, build release binaries and run the benchmarks (needs root); writes
+    /// target/bench/results.md.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -79,7 +80,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup::run()?;
             cargo::test(&args)?;
         }
-        Command::Bench => return bench::run(),
+        Command::Bench(options) => {
+            setup::run()?;
+            bench::run(&options)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
