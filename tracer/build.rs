@@ -60,8 +60,8 @@ fn main() -> anyhow::Result<()> {
     )?;
     if !status.success() {
         bail!(
-            "building the BPF object failed ({status}). It needs the nightly toolchain with rust-src and \
-             bpf-linker on PATH: `cargo xtask setup` installs them"
+            "building the BPF object failed ({status}; compiler output above). It needs the nightly \
+             toolchain with rust-src and bpf-linker on PATH: `cargo xtask setup` installs them"
         );
     }
     let object = target_dir.join("bpfel-unknown-none/release/tracer-ebpf");

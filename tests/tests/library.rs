@@ -172,6 +172,7 @@ fn many_pids_tracked_at_once_with_polling() {
     let options = TrackerOptions {
         backend: BackendChoice::Poll,
         interval: Duration::from_millis(20),
+        tasks: None,
     };
     let mut tracker = MemoryTracker::with_options(options).expect("polling tracker");
     assert_eq!(tracker.backend(), BackendKind::Poll);

@@ -30,7 +30,8 @@ impl Outcome {
     }
 }
 
-/// Applies `rss_stat(member, size)` to `mm` and to the tree `mm` belongs to.
+/// Applies `rss_stat(member, size)` to `mm` and to the tree `mm` belongs to. Returns what happened
+/// and the change of the member (to be applied to the tree's ancestors too, see [`apply_to_tree`]).
 ///
 /// `member` must be below [`NR_MEMBERS`] (the caller checks it, so the verifier sees the bound).
 ///
@@ -43,7 +44,18 @@ pub unsafe fn apply_rss_event(
     tree: *mut TreeState,
     member: usize,
     size: i64,
-) -> Outcome {
+) -> (Outcome, i64) {
+    let (mm_outcome, delta) = unsafe { apply_to_mm(mm, member, size) };
+    let tree_outcome = unsafe { apply_to_tree(tree, member, delta) };
+    (Outcome(mm_outcome.0 | tree_outcome.0), delta)
+}
+
+/// The mm half: remember the new absolute `size` and return by how much the member moved.
+///
+/// # Safety
+/// As for [`apply_rss_event`].
+#[inline(always)]
+pub unsafe fn apply_to_mm(mm: *mut MmState, member: usize, size: i64) -> (Outcome, i64) {
     let mut flags = 0;
     let size = if size < 0 {
         flags |= Outcome::NEGATIVE_SIZE;
@@ -51,32 +63,49 @@ pub unsafe fn apply_rss_event(
     } else {
         size
     };
+    let delta;
     unsafe {
         let previous = atomic::swap(&raw mut (*mm).last[member], size);
-        let delta = size - previous;
-        if delta != 0 {
-            let member_total = atomic::add(&raw mut (*tree).members[member], delta);
-            if member == MM_SWAPENTS {
-                atomic::fetch_max(&raw mut (*tree).swap_peak, member_total);
-            } else {
-                let mm_rss = atomic::add(&raw mut (*mm).rss, delta);
-                atomic::fetch_max(&raw mut (*mm).peak, mm_rss);
-                let tree_rss = atomic::add(&raw mut (*tree).rss, delta);
-                if tree_rss < 0 {
-                    flags |= Outcome::TREE_NEGATIVE;
-                }
-                match atomic::fetch_max(&raw mut (*tree).peak, tree_rss) {
-                    MaxOutcome::Raised => {
-                        flags |= Outcome::NEW_PEAK;
-                        snapshot_members(tree);
-                    }
-                    MaxOutcome::Exhausted => flags |= Outcome::PEAK_CONTENTION,
-                    MaxOutcome::NotHigher => {}
-                }
-            }
+        delta = size - previous;
+        if delta != 0 && member != MM_SWAPENTS {
+            let mm_rss = atomic::add(&raw mut (*mm).rss, delta);
+            atomic::fetch_max(&raw mut (*mm).peak, mm_rss);
         }
         if size == 0 && mm_is_empty(mm) {
             flags |= Outcome::MM_EMPTY;
+        }
+    }
+    (Outcome(flags), delta)
+}
+
+/// The tree half: move `member` of `tree` by `delta`, keeping its peak (and the breakdown at the peak).
+/// Also used for a tree's ancestors: a task's tree nests in its runner's, which counts it too.
+///
+/// # Safety
+/// As for [`apply_rss_event`].
+#[inline(always)]
+pub unsafe fn apply_to_tree(tree: *mut TreeState, member: usize, delta: i64) -> Outcome {
+    let mut flags = 0;
+    if delta == 0 {
+        return Outcome(flags);
+    }
+    unsafe {
+        let member_total = atomic::add(&raw mut (*tree).members[member], delta);
+        if member == MM_SWAPENTS {
+            atomic::fetch_max(&raw mut (*tree).swap_peak, member_total);
+            return Outcome(flags);
+        }
+        let tree_rss = atomic::add(&raw mut (*tree).rss, delta);
+        if tree_rss < 0 {
+            flags |= Outcome::TREE_NEGATIVE;
+        }
+        match atomic::fetch_max(&raw mut (*tree).peak, tree_rss) {
+            MaxOutcome::Raised => {
+                flags |= Outcome::NEW_PEAK;
+                snapshot_members(tree);
+            }
+            MaxOutcome::Exhausted => flags |= Outcome::PEAK_CONTENTION,
+            MaxOutcome::NotHigher => {}
         }
     }
     Outcome(flags)
@@ -127,7 +156,7 @@ mod tests {
             }
         }
         fn event(&mut self, mm: usize, member: usize, size: i64) -> Outcome {
-            unsafe { apply_rss_event(&mut self.mms[mm], &mut self.tree, member, size) }
+            unsafe { apply_rss_event(&mut self.mms[mm], &mut self.tree, member, size).0 }
         }
     }
 
@@ -282,5 +311,45 @@ mod tests {
             64 * MIB - last < 4 * 4096,
             "out-of-order tail is a few pages at most"
         );
+    }
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+    use crate::state::MM_ANONPAGES;
+
+    const MIB: i64 = 1 << 20;
+
+    #[test]
+    fn a_task_tree_and_its_runner_each_keep_their_own_peak() {
+        // Two tasks of one runner peak at different times: each task's peak is its own, the runner's
+        // is the sum at its highest moment, with the runner's own memory included.
+        let (mut runner, mut task_a, mut task_b) = (
+            TreeState::default(),
+            TreeState::default(),
+            TreeState::default(),
+        );
+        let (mut runner_mm, mut mm_a, mut mm_b) =
+            (MmState::default(), MmState::default(), MmState::default());
+        let event = |mm: &mut MmState,
+                         tree: Option<&mut TreeState>,
+                         runner: &mut TreeState,
+                         size: i64| unsafe {
+            let (_, delta) = apply_to_mm(mm, MM_ANONPAGES, size);
+            if let Some(tree) = tree {
+                apply_to_tree(tree, MM_ANONPAGES, delta);
+            }
+            apply_to_tree(runner, MM_ANONPAGES, delta);
+        };
+        event(&mut runner_mm, None, &mut runner, 10 * MIB);
+        event(&mut mm_a, Some(&mut task_a), &mut runner, 100 * MIB);
+        event(&mut mm_b, Some(&mut task_b), &mut runner, 50 * MIB);
+        event(&mut mm_a, Some(&mut task_a), &mut runner, 0);
+        event(&mut mm_b, Some(&mut task_b), &mut runner, 120 * MIB);
+        assert_eq!(task_a.peak, 100 * MIB);
+        assert_eq!(task_b.peak, 120 * MIB);
+        assert_eq!(runner.peak, 160 * MIB, "10 + 100 + 50 at one moment");
+        assert_eq!(runner.rss, 130 * MIB);
     }
 }

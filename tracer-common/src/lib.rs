@@ -11,5 +11,5 @@ pub mod atomic;
 pub mod format;
 pub mod state;
 
-pub use account::{Outcome, apply_rss_event};
+pub use account::{Outcome, apply_rss_event, apply_to_mm, apply_to_tree};
 pub use state::*;

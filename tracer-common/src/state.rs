@@ -17,6 +17,10 @@ pub const MAP_MMS: &str = "MMS";
 pub const MAP_TREES: &str = "TREES";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_SEEDS: &str = "SEEDS";
+pub const MAP_FREE_SLOTS: &str = "FREE_SLOTS";
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Size of the task-event ring buffer.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Capacity of the maps. Tasks and mms are preallocated hash maps: a full map is counted
 /// ([`Counter::TasksFull`], [`Counter::MmsFull`]) and makes the affected result inexact.
@@ -41,6 +45,58 @@ pub struct TaskState {
 /// The task was registered by userspace before its `execve`: its current address space is a copy of
 /// the tracer's and must not be counted. Binding starts at its `sched_process_exec`.
 pub const TASK_PENDING_EXEC: u32 = 1;
+/// Forked by a thread of a runner: its next `execve` starts a task (a tree of its own, nested in the
+/// runner's).
+pub const TASK_CHILD_OF_RUNNER: u32 = 1 << 1;
+/// Started a task at `execve`: announce it to userspace when the exec has succeeded.
+pub const TASK_ANNOUNCE_AT_EXEC: u32 = 1 << 2;
+
+/// `TreeState::parent` of a tree nested in none.
+pub const NO_PARENT: u32 = u32::MAX;
+/// Trees nest at most this deep (runner > task > task started by a marker inside it > ...).
+pub const MAX_TREE_DEPTH: usize = 4;
+
+/// `TreeState::kind`.
+pub const TREE_PLAIN: u32 = 0;
+/// Its root's children start tasks when they exec; processes whose environment carries the marker do.
+pub const TREE_RUNNER: u32 = 1;
+/// A task started by a runner's child exec.
+pub const TREE_CHILD_TASK: u32 = 2;
+/// A task started by an exec whose environment carries the marker (no task nests inside it).
+pub const TREE_MARKER_TASK: u32 = 3;
+
+/// `TreeState::exit_flags`.
+pub const EXIT_CODE_KNOWN: u32 = 1;
+pub const EXIT_SIGNAL_KNOWN: u32 = 1 << 1;
+
+/// Kinds of [`TaskEvent`].
+pub const EVENT_TASK_STARTED: u32 = 1;
+pub const EVENT_TASK_ENDED: u32 = 2;
+
+/// A task's start (after its exec succeeded) or end (its last task exited), sent to userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskEvent {
+    pub kind: u32,
+    /// The task's tree slot.
+    pub slot: u32,
+    /// The tree it nests in.
+    pub parent: u32,
+    /// The task's root process.
+    pub pid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// The exec'd file (start events), NUL-padded: the label when the process is gone before
+    /// userspace can read its command line.
+    pub filename: [u8; 64],
+}
+
+/// Longest environment marker (`NAME=`) the exec handler compares.
+pub const MARKER_BYTES: usize = 64;
+/// The marker as 64-bit words.
+pub const MARKER_WORDS: usize = MARKER_BYTES / 8;
+/// Environment entries the exec handler looks at.
+pub const MAX_ENV_ENTRIES: u32 = 256;
 
 /// Value of `MMS` (key: `rss_stat` `mm_id`).
 #[repr(C)]
@@ -98,6 +154,18 @@ pub struct TreeState {
     pub exited_processes: i64,
     /// Address spaces bound to the tree so far.
     pub mms_bound: i64,
+    /// Slot of the tree this one nests in (its runner), or [`NO_PARENT`].
+    pub parent: u32,
+    /// `TREE_*`.
+    pub kind: u32,
+    /// The tree's root process (tgid).
+    pub root_pid: u32,
+    /// `EXIT_*` flags: what is known of how the root process ended.
+    pub exit_flags: u32,
+    /// The root process's `exit_group` status (with `EXIT_CODE_KNOWN`).
+    pub exit_code: i32,
+    /// The default-fatal signal last delivered to the root process (with `EXIT_SIGNAL_KNOWN`).
+    pub signal: i32,
 }
 
 /// Indices of the per-CPU `COUNTERS` array: things that can make a result wrong, and statistics.
@@ -119,12 +187,16 @@ pub enum Counter {
     PeakContention = 5,
     /// A map entry pointed at a tree slot outside `TREES`.
     BadTreeSlot = 6,
+    /// A task could not get a tree (no free slot): it stays counted in its runner's tree only.
+    NoTaskSlot = 7,
+    /// The task-event ring buffer was full: a task start or end was not reported.
+    EventsLost = 8,
     /// `rss_stat` events applied to a tracked tree (statistic, not an error).
-    EventsApplied = 7,
+    EventsApplied = 9,
 }
 
 /// Number of `COUNTERS` entries.
-pub const NR_COUNTERS: u32 = 8;
+pub const NR_COUNTERS: u32 = 10;
 
 impl Counter {
     /// Every counter, in index order.
@@ -136,6 +208,8 @@ impl Counter {
         Counter::ForeignMm,
         Counter::PeakContention,
         Counter::BadTreeSlot,
+        Counter::NoTaskSlot,
+        Counter::EventsLost,
         Counter::EventsApplied,
     ];
 
@@ -154,6 +228,8 @@ impl Counter {
             Counter::ForeignMm => "foreign_mm_id",
             Counter::PeakContention => "peak_update_contention",
             Counter::BadTreeSlot => "bad_tree_slot",
+            Counter::NoTaskSlot => "no_task_slot",
+            Counter::EventsLost => "task_events_lost",
             Counter::EventsApplied => "events_applied",
         }
     }
@@ -166,4 +242,5 @@ mod user {
     unsafe impl aya::Pod for super::MmState {}
     unsafe impl aya::Pod for super::TreeState {}
     unsafe impl aya::Pod for super::Seed {}
+    unsafe impl aya::Pod for super::TaskEvent {}
 }

@@ -1,14 +1,21 @@
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+    },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue, RingBuf},
     programs::TracePointContext,
 };
 use core::ptr::read_volatile;
 use tracer_common::{
-    Counter, MAX_MMS, MAX_SEEDS, MAX_TASKS, MAX_TREES, MmState, NR_COUNTERS, NR_MEMBERS, Outcome,
-    Seed, TASK_PENDING_EXEC, TaskState, TreeState, apply_rss_event, atomic,
+    Counter, EVENT_TASK_ENDED, EVENT_TASK_STARTED, EVENTS_BYTES, EXIT_CODE_KNOWN,
+    EXIT_SIGNAL_KNOWN, MARKER_BYTES, MARKER_WORDS, MAX_ENV_ENTRIES, MAX_MMS, MAX_SEEDS, MAX_TASKS,
+    MAX_TREE_DEPTH, MAX_TREES, MmState, NO_PARENT, NR_COUNTERS, NR_MEMBERS, Outcome, Seed,
+    TASK_ANNOUNCE_AT_EXEC, TASK_CHILD_OF_RUNNER, TASK_PENDING_EXEC, TREE_CHILD_TASK,
+    TREE_MARKER_TASK, TREE_RUNNER, TaskEvent, TaskState, TreeState, apply_rss_event, apply_to_tree,
+    atomic,
     format::{RSS_STAT_CURR, RSS_STAT_MEMBER, RSS_STAT_MM_ID, RSS_STAT_SIZE},
 };
 
@@ -28,11 +35,19 @@ static SEEDS: HashMap<u32, Seed> = HashMap::with_max_entries(MAX_SEEDS, 0);
 #[map]
 static TREES: Array<TreeState> = Array::with_max_entries(MAX_TREES, 0);
 
+/// Free tree slots, filled by userspace; tasks take theirs here at exec.
+#[map]
+static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(MAX_TREES, 0);
+
+/// Task starts and ends, for userspace.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
 /// What could make a result wrong, and statistics (see `tracer_common::Counter`).
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NR_COUNTERS, 0);
 
-// Offsets of the `sched_*` fields, set by userspace from the tracefs format files at load time. The
+// Offsets of tracepoint fields, set by userspace from the tracefs format files at load time. The
 // zero defaults are never used: userspace always sets them (`must_exist`).
 #[unsafe(no_mangle)]
 static FORK_PARENT_PID_OFFSET: u32 = 0;
@@ -43,7 +58,27 @@ static EXEC_PID_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static EXEC_OLD_PID_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
+static EXEC_FILENAME_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
 static EXIT_PID_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static EXECVE_ENVP_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static EXECVEAT_ENVP_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static EXIT_GROUP_CODE_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SIGNAL_SIG_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SIGNAL_HANDLER_OFFSET: u32 = 0;
+/// `NAME=` of the environment variable that marks a task's topmost process, as little-endian words
+/// zero-padded, with the mask of its bytes; length 0: no marker.
+#[unsafe(no_mangle)]
+static TASK_MARKER: [u64; MARKER_WORDS] = [0; MARKER_WORDS];
+#[unsafe(no_mangle)]
+static TASK_MARKER_MASK: [u64; MARKER_WORDS] = [0; MARKER_WORDS];
+#[unsafe(no_mangle)]
+static TASK_MARKER_LEN: u32 = 0;
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -64,9 +99,9 @@ fn tree(slot: u32) -> Option<*mut TreeState> {
 
 /// Reads a `u32` field at an offset known only at load time.
 #[inline(always)]
-fn field_u32(ctx: &TracePointContext, offset: &'static u32) -> Option<u32> {
+fn field<T>(ctx: &TracePointContext, offset: &'static u32) -> Option<T> {
     let offset = unsafe { read_volatile(offset) } as usize;
-    unsafe { ctx.read_at::<u32>(offset) }.ok()
+    unsafe { ctx.read_at::<T>(offset) }.ok()
 }
 
 #[tracepoint]
@@ -100,18 +135,32 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
     let Some(tree) = tree(unsafe { (*mm).tree }) else {
         return 0;
     };
-    let outcome = unsafe { apply_rss_event(mm, tree, member, size) };
+    let (mut outcome, delta) = unsafe { apply_rss_event(mm, tree, member, size) };
+    if delta != 0 {
+        // A task's tree nests in its runner's: the runner counts it too.
+        let mut parent = unsafe { (*tree).parent };
+        for _ in 0..MAX_TREE_DEPTH {
+            if parent == NO_PARENT {
+                break;
+            }
+            let Some(ancestor) = TREES.get_ptr_mut(parent) else {
+                break;
+            };
+            outcome.0 |= unsafe { apply_to_tree(ancestor, member, delta) }.0;
+            parent = unsafe { (*ancestor).parent };
+        }
+    }
     count(Counter::EventsApplied);
-    if outcome.0 != 0 {
+    if outcome.0 & !Outcome::NEW_PEAK != 0 {
         note_outcome(outcome, mm_id);
     }
     0
 }
 
-/// For a `curr = 1` event on a bound mm: is the running process really one of ours? The owner tgid
-/// answers without a lookup in the common case; otherwise a tracked task sharing the mm (vfork child,
-/// or a freshly forked child whose mm was bound from its parent's context) takes ownership, and a
-/// stranger means the `mm_id` was recycled or collided.
+/// For a `curr = 1` event on a bound mm: is the running process one of ours? The owner tgid answers
+/// without a lookup in the common case; otherwise any tracked task sharing the mm (a vfork child, a
+/// freshly forked child whose mm was bound from its parent's context) takes ownership, and a stranger
+/// means the `mm_id` was recycled or collided.
 #[inline(always)]
 fn owner_is_current(mm: *mut MmState) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -119,15 +168,12 @@ fn owner_is_current(mm: *mut MmState) -> bool {
     if unsafe { read_volatile(&(*mm).owner_tgid) } == tgid {
         return true;
     }
-    match TASKS.get_ptr(pid_tgid as u32) {
-        Some(task) if unsafe { (*task).tree == (*mm).tree } => {
-            unsafe { (*mm).owner_tgid = tgid };
-            true
-        }
-        _ => {
-            count(Counter::ForeignMm);
-            false
-        }
+    if TASKS.get_ptr(pid_tgid as u32).is_some() {
+        unsafe { (*mm).owner_tgid = tgid };
+        true
+    } else {
+        count(Counter::ForeignMm);
+        false
     }
 }
 
@@ -160,10 +206,10 @@ fn bind_mm(mm_id: u32, curr: bool) -> Option<*mut MmState> {
         }
     }
     // BPF_NOEXIST: if another CPU bound it first, keep its entry and use it.
-    if MMS.insert(mm_id, state, 1).is_ok() {
-        if let Some(tree) = tree(tree_slot) {
-            unsafe { atomic::add(&raw mut (*tree).mms_bound, 1) };
-        }
+    if MMS.insert(mm_id, state, 1).is_ok()
+        && let Some(tree) = tree(tree_slot)
+    {
+        unsafe { atomic::add(&raw mut (*tree).mms_bound, 1) };
     }
     let mm = MMS.get_ptr_mut(mm_id);
     if mm.is_none() {
@@ -189,11 +235,29 @@ fn note_outcome(outcome: Outcome, mm_id: u32) {
     }
 }
 
+/// Adds `members` (may be negative) to a tree and every tree it nests in.
+#[inline(always)]
+fn add_to_tree_chain(slot: u32, members: &[i64; NR_MEMBERS]) {
+    let mut slot = slot;
+    for _ in 0..=MAX_TREE_DEPTH {
+        if slot == NO_PARENT {
+            break;
+        }
+        let Some(tree) = TREES.get_ptr_mut(slot) else {
+            break;
+        };
+        for (member, &delta) in members.iter().enumerate() {
+            unsafe { apply_to_tree(tree, member, delta) };
+        }
+        slot = unsafe { (*tree).parent };
+    }
+}
+
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let (Some(parent), Some(child)) = (
-        field_u32(&ctx, &FORK_PARENT_PID_OFFSET),
-        field_u32(&ctx, &FORK_CHILD_PID_OFFSET),
+        field::<u32>(&ctx, &FORK_PARENT_PID_OFFSET),
+        field::<u32>(&ctx, &FORK_CHILD_PID_OFFSET),
     ) else {
         return 0;
     };
@@ -201,25 +265,135 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let tree_slot = unsafe { (*task).tree };
+    let Some(tree) = tree(tree_slot) else {
+        return 0;
+    };
+    // Any thread of a runner's root process forks the runner's tasks (the child may be a thread of
+    // the runner too: it only matters if it execs, which a runner's thread does not).
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let runner_child = unsafe { (*tree).kind == TREE_RUNNER && (*tree).root_pid == tgid };
+    let flags = if runner_child {
+        TASK_CHILD_OF_RUNNER
+    } else {
+        0
+    };
     let child_state = TaskState {
         tree: tree_slot,
-        flags: 0,
+        flags,
     };
     if TASKS.insert(child, child_state, 0).is_err() {
         count(Counter::TasksFull);
         return 0;
     }
-    if let Some(tree) = tree(tree_slot) {
-        unsafe { atomic::add(&raw mut (*tree).live_tasks, 1) };
+    unsafe { atomic::add(&raw mut (*tree).live_tasks, 1) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
+    if let Some(envp) = field::<u64>(&ctx, &EXECVE_ENVP_OFFSET) {
+        on_execve(envp);
     }
     0
 }
 
 #[tracepoint]
+pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
+    if let Some(envp) = field::<u64>(&ctx, &EXECVEAT_ENVP_OFFSET) {
+        on_execve(envp);
+    }
+    0
+}
+
+/// A tracked task calls execve: does a task start here? Yes for a runner's direct child, and for a
+/// process whose new environment carries the marker (unless it is inside a marker task already). The
+/// task gets a tree of its own, nested in the current one, before the new mm exists, so everything
+/// of the new program lands in it.
+#[inline(always)]
+fn on_execve(envp: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(task) = TASKS.get_ptr_mut(tid) else {
+        return;
+    };
+    let (current_slot, flags) = unsafe { ((*task).tree, (*task).flags) };
+    let Some(current) = TREES.get_ptr(current_slot) else {
+        return;
+    };
+    let current_kind = unsafe { (*current).kind };
+    let kind = if flags & TASK_CHILD_OF_RUNNER != 0 {
+        TREE_CHILD_TASK
+    } else if (current_kind == TREE_RUNNER || current_kind == TREE_CHILD_TASK)
+        && env_has_marker(envp)
+    {
+        TREE_MARKER_TASK
+    } else {
+        return;
+    };
+    let Ok(Some(slot)) = FREE_SLOTS.pop() else {
+        count(Counter::NoTaskSlot);
+        return;
+    };
+    let Some(new_tree) = TREES.get_ptr_mut(slot) else {
+        return;
+    };
+    // The slot was reset by userspace before it was queued; only this CPU owns it now.
+    unsafe {
+        (*new_tree).parent = current_slot;
+        (*new_tree).kind = kind;
+        (*new_tree).root_pid = (pid_tgid >> 32) as u32;
+        (*new_tree).live_tasks = 1;
+        atomic::add(&raw mut (*(current as *mut TreeState)).live_tasks, -1);
+        (*task).tree = slot;
+        (*task).flags = (flags & !TASK_CHILD_OF_RUNNER) | TASK_ANNOUNCE_AT_EXEC;
+    }
+}
+
+/// Whether one of the first `MAX_ENV_ENTRIES` strings of `envp` starts with `TASK_MARKER`.
+///
+/// Compared a word at a time under a byte mask, with no data-dependent branch inside an entry: the
+/// verifier walks every iteration of the outer loop, and a byte loop inside made it take a second.
+#[inline(always)]
+fn env_has_marker(envp: u64) -> bool {
+    if unsafe { read_volatile(&TASK_MARKER_LEN) } == 0 || envp == 0 {
+        return false;
+    }
+    let mut words = [0u64; MARKER_WORDS];
+    for index in 0..MAX_ENV_ENTRIES as u64 {
+        let Ok(entry) = (unsafe { bpf_probe_read_user((envp + index * 8) as *const u64) }) else {
+            return false;
+        };
+        if entry == 0 {
+            return false;
+        }
+        // A string shorter than the marker ends in a NUL where the marker has none, so bytes left
+        // from an earlier entry after it never make a match.
+        let buffer = unsafe { &mut *(&raw mut words).cast::<[u8; MARKER_BYTES]>() };
+        if unsafe { bpf_probe_read_user_str_bytes(entry as *const u8, buffer) }.is_err() {
+            continue;
+        }
+        let mut differs = 0u64;
+        for word in 0..MARKER_WORDS {
+            let (marker, mask) = unsafe {
+                (
+                    read_volatile(&TASK_MARKER[word]),
+                    read_volatile(&TASK_MARKER_MASK[word]),
+                )
+            };
+            differs |= (words[word] & mask) ^ marker;
+        }
+        if differs == 0 {
+            return true;
+        }
+    }
+    false
+}
+
+#[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let (Some(pid), Some(old_pid)) = (
-        field_u32(&ctx, &EXEC_PID_OFFSET),
-        field_u32(&ctx, &EXEC_OLD_PID_OFFSET),
+        field::<u32>(&ctx, &EXEC_PID_OFFSET),
+        field::<u32>(&ctx, &EXEC_OLD_PID_OFFSET),
     ) else {
         return 0;
     };
@@ -235,15 +409,46 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             count(Counter::TasksFull);
         }
     }
-    if let Some(task) = TASKS.get_ptr_mut(pid) {
-        unsafe { (*task).flags &= !TASK_PENDING_EXEC };
+    let Some(task) = TASKS.get_ptr_mut(pid) else {
+        return 0;
+    };
+    let flags = unsafe { (*task).flags };
+    unsafe { (*task).flags = flags & !(TASK_PENDING_EXEC | TASK_ANNOUNCE_AT_EXEC) };
+    if flags & TASK_ANNOUNCE_AT_EXEC != 0 {
+        let slot = unsafe { (*task).tree };
+        announce_start(&ctx, slot, pid);
     }
     0
 }
 
+fn announce_start(ctx: &TracePointContext, slot: u32, pid: u32) {
+    let Some(tree) = TREES.get_ptr(slot) else {
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<TaskEvent>(0) else {
+        count(Counter::EventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    unsafe {
+        (*event).kind = EVENT_TASK_STARTED;
+        (*event).slot = slot;
+        (*event).parent = (*tree).parent;
+        (*event).pid = pid;
+        (*event).time_ns = bpf_ktime_get_ns();
+        (*event).filename = [0; 64];
+        // `__data_loc`: offset in the low 16 bits, length in the high 16 bits.
+        if let Some(location) = field::<u32>(ctx, &EXEC_FILENAME_OFFSET) {
+            let start = ctx.as_ptr().cast::<u8>().add((location & 0xffff) as usize);
+            let _ = bpf_probe_read_kernel_str_bytes(start, &mut (*event).filename);
+        }
+    }
+    entry.submit(0);
+}
+
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    let Some(pid) = field_u32(&ctx, &EXIT_PID_OFFSET) else {
+    let Some(pid) = field::<u32>(&ctx, &EXIT_PID_OFFSET) else {
         return 0;
     };
     let Some(task) = TASKS.get_ptr(pid) else {
@@ -253,21 +458,102 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // Forget the tid at once so a recycled pid never inherits it. The mm's teardown events that follow
     // (curr = 0, from 6.16 on after this tracepoint) still land: the mm stays bound until it is empty.
     let _ = TASKS.remove(pid);
-    if let Some(tree) = tree(tree_slot) {
-        unsafe { atomic::add(&raw mut (*tree).live_tasks, -1) };
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if tgid == pid {
-            unsafe { atomic::add(&raw mut (*tree).exited_processes, 1) };
-            if let Some(seed) = SEEDS.get_ptr(pid) {
-                // Seeded but never bound: its teardown will come from an untracked task and not be
-                // seen, so take its seed out of the tree now.
-                let seed = unsafe { *seed };
-                for member in 0..NR_MEMBERS {
-                    unsafe { atomic::add(&raw mut (*tree).members[member], -seed.members[member]) };
-                }
-                unsafe { atomic::add(&raw mut (*tree).rss, -seed.rss()) };
-                let _ = SEEDS.remove(pid);
+    let Some(tree) = tree(tree_slot) else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == pid {
+        unsafe { atomic::add(&raw mut (*tree).exited_processes, 1) };
+        if let Some(seed) = SEEDS.get_ptr(pid) {
+            // Seeded but never bound: its teardown will come from an untracked task and not be
+            // seen, so take its seed out of its trees now.
+            let seed = unsafe { *seed };
+            let mut negative = [0i64; NR_MEMBERS];
+            for member in 0..NR_MEMBERS {
+                negative[member] = -seed.members[member];
             }
+            add_to_tree_chain(tree_slot, &negative);
+            let _ = SEEDS.remove(pid);
+        }
+    }
+    let live = unsafe { atomic::add(&raw mut (*tree).live_tasks, -1) };
+    let kind = unsafe { (*tree).kind };
+    if live == 0 && (kind == TREE_CHILD_TASK || kind == TREE_MARKER_TASK) {
+        announce_end(tree_slot, pid, unsafe { (*tree).parent });
+    }
+    0
+}
+
+fn announce_end(slot: u32, pid: u32, parent: u32) {
+    let event = TaskEvent {
+        kind: EVENT_TASK_ENDED,
+        slot,
+        parent,
+        pid,
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        filename: [0; 64],
+    };
+    if EVENTS.output::<TaskEvent>(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
+}
+
+/// The root process of a tree calls `exit_group(code)`: remember how it ended.
+#[tracepoint]
+pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(task) = TASKS.get_ptr(pid_tgid as u32) else {
+        return 0;
+    };
+    let Some(tree) = TREES.get_ptr_mut(unsafe { (*task).tree }) else {
+        return 0;
+    };
+    if unsafe { (*tree).root_pid } != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    if let Some(code) = field::<u64>(&ctx, &EXIT_GROUP_CODE_OFFSET) {
+        unsafe {
+            (*tree).exit_code = (code & 0xff) as i32;
+            (*tree).exit_flags |= EXIT_CODE_KNOWN;
+        }
+    }
+    0
+}
+
+/// A signal whose default action ends the process is delivered, unhandled, to a tree's root process:
+/// remember it (what killed it, when no `exit_group` follows).
+#[tracepoint]
+pub fn signal_deliver(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(task) = TASKS.get_ptr(pid_tgid as u32) else {
+        return 0;
+    };
+    let (Some(signal), Some(handler)) = (
+        field::<i32>(&ctx, &SIGNAL_SIG_OFFSET),
+        field::<u64>(&ctx, &SIGNAL_HANDLER_OFFSET),
+    ) else {
+        return 0;
+    };
+    // SIG_DFL, and not one of the signals whose default is to ignore or stop (CHLD, CONT, STOP,
+    // TSTP, TTIN, TTOU, URG, WINCH).
+    const NOT_FATAL: u64 = (1 << 17)
+        | (1 << 18)
+        | (1 << 19)
+        | (1 << 20)
+        | (1 << 21)
+        | (1 << 22)
+        | (1 << 23)
+        | (1 << 28);
+    if handler != 0 || !(1..64).contains(&signal) || NOT_FATAL & (1 << signal) != 0 {
+        return 0;
+    }
+    let Some(tree) = TREES.get_ptr_mut(unsafe { (*task).tree }) else {
+        return 0;
+    };
+    if unsafe { (*tree).root_pid } == (pid_tgid >> 32) as u32 {
+        unsafe {
+            (*tree).signal = signal;
+            (*tree).exit_flags |= EXIT_SIGNAL_KNOWN;
         }
     }
     0

@@ -24,6 +24,8 @@ pub enum Command {
         json: Option<PathBuf>,
         #[command(flatten)]
         backend: BackendArgs,
+        #[command(flatten)]
+        tasks: TaskArgs,
         /// Print the BPF programs' run counts and times on stderr at the end (needs
         /// `sysctl kernel.bpf_stats_enabled=1`; for benchmarks).
         #[arg(long, hide = true)]
@@ -37,6 +39,35 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+    /// Track a running task runner (make, Nx, a CI script) and every task it starts: one line per
+    /// task as it ends, then the whole tree's peak when PID exits or on Ctrl-C (exit status 0).
+    ///
+    /// Processes already under PID are counted from now on (their earlier use is unknown, and their
+    /// reports say so); new ones from their first instruction.
+    Attach {
+        /// The runner's pid.
+        pid: u32,
+        /// Also write one JSON object per line to FILE (`-` for stdout): each task, then the runner.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// The environment variable that marks a task's topmost process (default: Nx's).
+        #[arg(long, value_name = "VAR")]
+        task_env: Option<String>,
+    },
+}
+
+/// Task splitting, shared by `run --tasks` and `attach`.
+#[derive(Debug, clap::Args)]
+pub struct TaskArgs {
+    /// Treat CMD as a task runner: report each task's peak as it ends, one line each (and one JSON
+    /// object per line with --json), then the whole tree's.
+    #[arg(long)]
+    pub tasks: bool,
+    /// The environment variable that marks a task's topmost process (default: Nx's
+    /// NX_TASK_TARGET_PROJECT; tasks are then labelled `nx run PROJECT:TARGET`, otherwise by the
+    /// variable's value). Direct children of the runner are tasks too.
+    #[arg(long, value_name = "VAR")]
+    pub task_env: Option<String>,
 }
 
 /// Backend selection, shared by the subcommands.

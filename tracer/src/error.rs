@@ -77,6 +77,9 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// A task marker that cannot be an environment variable name (or is over 63 bytes).
+    #[error("`{0}` cannot be a task marker: give an environment variable name of at most 62 bytes")]
+    BadTaskMarker(String),
     /// The polling backend could not start.
     #[error("the polling backend could not start")]
     Poll(#[source] TrackError),
@@ -110,6 +113,9 @@ pub enum TrackError {
     /// The pid is tracked already.
     #[error("pid {0} is already tracked")]
     AlreadyTracked(u32),
+    /// Task tracking was asked of a tracker loaded without it.
+    #[error("this tracker was not started with task tracking")]
+    TasksNotEnabled,
     /// The polling backend failed.
     #[error("polling backend: {0}")]
     Poll(String),

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod error;
 pub mod report;
 pub mod run;
+pub mod tasks;
 mod tracker;
 
 #[cfg(target_os = "linux")]

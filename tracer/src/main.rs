@@ -1,10 +1,18 @@
 mod cli;
+mod output;
 
-use anyhow::Context as _;
 use clap::Parser as _;
-use std::{ffi::OsString, io::Write as _, path::Path, process::ExitCode, time::Duration};
+use output::JsonSink;
+use std::{
+    ffi::OsString,
+    path::Path,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 use tracer::{
     BackendChoice, BackendKind, MemoryTracker, PeakReport, TrackerOptions, run::RunError,
+    tasks::TaskRules,
 };
 
 /// Exit status when tracer itself fails before or around the command (like `env`, `timeout`).
@@ -16,9 +24,15 @@ fn main() -> ExitCode {
         cli::Command::Run {
             json,
             backend,
+            tasks,
             bpf_stats,
             command,
-        } => run(&command, json.as_deref(), &backend, bpf_stats),
+        } => run(&command, json.as_deref(), &backend, &tasks, bpf_stats),
+        cli::Command::Attach {
+            pid,
+            json,
+            task_env,
+        } => attach(pid, json.as_deref(), task_env),
     }
 }
 
@@ -26,6 +40,7 @@ fn run(
     command: &[OsString],
     json: Option<&Path>,
     backend: &cli::BackendArgs,
+    tasks: &cli::TaskArgs,
     bpf_stats: bool,
 ) -> ExitCode {
     // A missing command is the first thing to say, privileged or not.
@@ -34,24 +49,113 @@ fn run(
         eprintln!("tracer: {err}");
         return ExitCode::from(err.exit_code() as u8);
     }
-    let mut tracker = match open_tracker(backend) {
+    let task_rules = (tasks.tasks || tasks.task_env.is_some()).then(|| task_rules(&tasks.task_env));
+    let mut tracker = match open_tracker(backend, task_rules.clone()) {
         Ok(tracker) => tracker,
-        Err(err) => {
-            eprintln!("tracer: error: {}", chain(&err));
-            return ExitCode::from(TRACER_FAILED);
-        }
+        Err(err) => return fail(&err),
     };
-    let report = match tracer::run::run(&mut tracker, command) {
+    let mut sink = match JsonSink::open(json, task_rules.is_some()) {
+        Ok(sink) => sink,
+        Err(err) => return fail(err.as_ref()),
+    };
+    let result = match task_rules {
+        Some(_) => run_tasks(&mut tracker, command, &mut sink),
+        None => tracer::run::run(&mut tracker, command),
+    };
+    let report = match result {
         Ok(report) => report,
         Err(RunError::Spawn(err)) => {
             eprintln!("tracer: {err}");
             return ExitCode::from(err.exit_code() as u8);
         }
-        Err(err) => {
-            eprintln!("tracer: error: {}", chain(&err));
-            return ExitCode::from(TRACER_FAILED);
-        }
+        Err(err) => return fail(&err),
     };
+    finish(&report, &tracker, &mut sink, "run");
+    if bpf_stats {
+        print_bpf_stats(&tracker);
+    }
+    tracker.detach_in_background();
+    ExitCode::from(report.exit_code.unwrap_or(0).clamp(0, 255) as u8)
+}
+
+#[cfg(target_os = "linux")]
+fn run_tasks(
+    tracker: &mut MemoryTracker,
+    command: &[OsString],
+    sink: &mut JsonSink,
+) -> Result<PeakReport, RunError> {
+    tracer::run::run_with_tasks(tracker, command, |task| {
+        eprintln!("{}", task.human_line());
+        sink.write("task", &task);
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_tasks(
+    _tracker: &mut MemoryTracker,
+    _command: &[OsString],
+    _sink: &mut JsonSink,
+) -> Result<PeakReport, RunError> {
+    Err(RunError::Track(tracer::error::TrackError::TasksNotEnabled))
+}
+
+/// Set by SIGINT/SIGTERM while attached.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn attach(pid: u32, json: Option<&Path>, task_env: Option<String>) -> ExitCode {
+    let backend = cli::BackendArgs {
+        backend: cli::Backend::Ebpf,
+        interval: 100,
+    };
+    let mut tracker = match open_tracker(&backend, Some(task_rules(&task_env))) {
+        Ok(tracker) => tracker,
+        Err(err) => return fail(&err),
+    };
+    let mut sink = match JsonSink::open(json, true) {
+        Ok(sink) => sink,
+        Err(err) => return fail(err.as_ref()),
+    };
+    if let Err(err) = tracker.start_tracking_tasks(pid) {
+        return fail(&err);
+    }
+    #[cfg(unix)]
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores an atomic.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+    while !STOP.load(Ordering::SeqCst) && process_alive(pid) {
+        for task in tracker.finished_tasks(Duration::from_millis(100)) {
+            eprintln!("{}", task.human_line());
+            sink.write("task", &task);
+        }
+    }
+    for task in tracker.finished_tasks(Duration::from_millis(20)) {
+        eprintln!("{}", task.human_line());
+        sink.write("task", &task);
+    }
+    match tracker.stop_tracking(pid) {
+        Some(report) => finish(&report, &tracker, &mut sink, "attach"),
+        None => eprintln!("tracer: error: {pid} was not tracked"),
+    }
+    tracker.detach_in_background();
+    ExitCode::SUCCESS
+}
+
+/// Whether `pid` still runs (a zombie has exited: only its parent has not reaped it yet).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
+/// The whole tree's line, warnings, and its JSON.
+fn finish(report: &PeakReport, tracker: &MemoryTracker, sink: &mut JsonSink, kind: &str) {
     eprintln!("{}", report.human_line());
     if !report.exact && tracker.backend() == BackendKind::Ebpf {
         eprintln!(
@@ -66,25 +170,32 @@ fn run(
             report.still_running
         );
     }
-    if bpf_stats {
-        print_bpf_stats(&tracker);
-    }
-    if let Some(Err(err)) = json.map(|path| write_json(path, &report)) {
-        eprintln!("tracer: error: {err:#}");
-    }
-    tracker.detach_in_background();
-    ExitCode::from(report.exit_code.unwrap_or(0).clamp(0, 255) as u8)
+    sink.write(kind, report);
+}
+
+fn task_rules(task_env: &Option<String>) -> TaskRules {
+    task_env
+        .clone()
+        .map(|marker| TaskRules { marker })
+        .unwrap_or_default()
 }
 
 /// The tracker the options ask for; says on one line why eBPF was not used when `auto` fell back.
-fn open_tracker(args: &cli::BackendArgs) -> Result<MemoryTracker, tracer::error::LoadError> {
+fn open_tracker(
+    args: &cli::BackendArgs,
+    tasks: Option<TaskRules>,
+) -> Result<MemoryTracker, tracer::error::LoadError> {
     let interval = Duration::from_millis(args.interval);
     let backend = match args.backend {
         cli::Backend::Auto => BackendChoice::Auto,
         cli::Backend::Ebpf => BackendChoice::Ebpf,
         cli::Backend::Poll => BackendChoice::Poll,
     };
-    let tracker = MemoryTracker::with_options(TrackerOptions { backend, interval })?;
+    let tracker = MemoryTracker::with_options(TrackerOptions {
+        backend,
+        interval,
+        tasks,
+    })?;
     if let Some(reason) = tracker.fallback_reason() {
         eprintln!(
             "tracer: eBPF unavailable ({reason}); polling every {} ms instead: spikes shorter than that \
@@ -108,25 +219,8 @@ fn print_bpf_stats(tracker: &MemoryTracker) {
     }
 }
 
-fn write_json(path: &Path, report: &PeakReport) -> anyhow::Result<()> {
-    let mut text = serde_json::to_string_pretty(report).context("serialising the report")?;
-    text.push('\n');
-    if path == Path::new("-") {
-        std::io::stdout()
-            .write_all(text.as_bytes())
-            .context("writing the report to stdout")
-    } else {
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-    }
-}
-
-/// An error and its sources on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
+/// Reports a failure of tracer itself.
+fn fail(err: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("tracer: error: {}", output::chain(err));
+    ExitCode::from(TRACER_FAILED)
 }

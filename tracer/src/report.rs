@@ -42,6 +42,9 @@ pub struct TreeSample {
     pub samples: Option<u64>,
     /// Polling only: the sampling interval.
     pub interval: Option<Duration>,
+    /// How the tree's root process ended, when the kernel side saw it (`exit_group` code, or the
+    /// signal that killed it); task-tracking eBPF trackers only.
+    pub root_exit: (Option<i32>, Option<i32>),
     /// False when anything that can make the numbers wrong happened; see `inexact_reasons`.
     pub exact: bool,
     /// What happened that can make the numbers wrong.
@@ -101,8 +104,12 @@ impl PeakReport {
     ) -> PeakReport {
         PeakReport {
             command,
-            exit_code: None,
-            signal: None,
+            exit_code: match sample.root_exit {
+                (Some(code), _) => Some(code),
+                (None, Some(signal)) => Some(128 + signal),
+                (None, None) => None,
+            },
+            signal: sample.root_exit.1,
             duration_ms: duration.as_millis() as u64,
             peak_rss_bytes: sample.peak_rss_bytes,
             peak_breakdown: sample.peak_breakdown,

@@ -130,3 +130,66 @@ fn spawn_and_wait(
     let exit = Exit::Code(status.code().unwrap_or(1));
     Ok((pid, exit))
 }
+
+/// Like [`run`], with the command as a task runner: `on_task` gets each task's report as it ends
+/// (see [`crate::tasks`]); the returned report is the whole tree's. Needs a tracker made with
+/// [`TrackerOptions::tasks`](crate::TrackerOptions::tasks) on the eBPF backend.
+#[cfg(target_os = "linux")]
+pub fn run_with_tasks(
+    tracker: &mut MemoryTracker,
+    command: &[OsString],
+    mut on_task: impl FnMut(crate::tasks::TaskReport),
+) -> Result<PeakReport, RunError> {
+    use std::{sync::mpsc, time::Duration};
+    let words: Vec<String> = command
+        .iter()
+        .map(|word| word.to_string_lossy().into_owned())
+        .collect();
+    let held = crate::spawn::spawn_held(command)?;
+    let pid = held.pid();
+    if let Err(err) = tracker.start_tracking_tasks_before_exec(pid, words.clone()) {
+        held.abandon();
+        return Err(err.into());
+    }
+    let running = match held.release(&command[0]) {
+        Ok(running) => running,
+        Err(err) => {
+            tracker.stop_tracking(pid);
+            return Err(err.into());
+        }
+    };
+    // The command is waited for on its own thread while this one reports tasks as they end.
+    let (exited, exit) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(running.wait());
+    });
+    let exit = loop {
+        tracker
+            .finished_tasks(Duration::from_millis(50))
+            .into_iter()
+            .for_each(&mut on_task);
+        match exit.try_recv() {
+            Ok(exit) => break exit?,
+            Err(mpsc::TryRecvError::Empty) => continue,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(RunError::Spawn(SpawnError::Os {
+                    what: "waiting for the command",
+                    source: std::io::Error::other("the waiting thread ended"),
+                }));
+            }
+        }
+    };
+    // Tasks that ended with the command are reported before its whole tree.
+    tracker
+        .finished_tasks(Duration::from_millis(20))
+        .into_iter()
+        .for_each(&mut on_task);
+    let mut report = tracker.stop_tracking(pid).ok_or(RunError::NotTracked)?;
+    report.command = words;
+    report.exit_code = Some(exit.status());
+    report.signal = match exit {
+        Exit::Signal(signal) => Some(signal),
+        Exit::Code(_) => None,
+    };
+    Ok(report)
+}

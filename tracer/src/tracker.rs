@@ -5,6 +5,7 @@ use crate::{
     error::{LoadError, TrackError},
     report::PeakReport,
     report::TreeSample,
+    tasks::{TaskReport, TaskRules},
 };
 use std::{
     collections::HashMap,
@@ -25,12 +26,14 @@ pub enum BackendChoice {
 }
 
 /// How to build a [`MemoryTracker`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrackerOptions {
     /// Which backend.
     pub backend: BackendChoice,
     /// The polling backend's sampling interval.
     pub interval: Duration,
+    /// Split runner trees into tasks by these rules (eBPF; see [`MemoryTracker::start_tracking_tasks`]).
+    pub tasks: Option<TaskRules>,
 }
 
 impl Default for TrackerOptions {
@@ -38,6 +41,7 @@ impl Default for TrackerOptions {
         TrackerOptions {
             backend: BackendChoice::Auto,
             interval: crate::backend::poll::DEFAULT_INTERVAL,
+            tasks: None,
         }
     }
 }
@@ -83,6 +87,7 @@ impl MemoryTracker {
     /// A tracker with chosen backend and interval. Fails only for [`BackendChoice::Ebpf`] when eBPF
     /// cannot run (the error says why), or when the polling backend cannot start.
     pub fn with_options(options: TrackerOptions) -> Result<MemoryTracker, LoadError> {
+        let load_ebpf = || load_ebpf(options.tasks.clone());
         let poll = |fallback_reason| -> Result<MemoryTracker, LoadError> {
             let backend = PollTracker::new(options.interval).map_err(LoadError::Poll)?;
             Ok(MemoryTracker::over(Box::new(backend), fallback_reason))
@@ -155,6 +160,50 @@ impl MemoryTracker {
         Ok(registered)
     }
 
+    /// Starts tracking the running process `pid` as a task runner: its whole tree as with
+    /// [`MemoryTracker::start_tracking`], and each task in it apart (see [`crate::tasks`]), reported
+    /// by [`MemoryTracker::finished_tasks`] as it ends. Its current children become tasks at once
+    /// (their use before now is unknown: their reports say so). Needs the eBPF backend and
+    /// [`TrackerOptions::tasks`].
+    pub fn start_tracking_tasks(&mut self, pid: u32) -> Result<(), TrackError> {
+        if self.started.contains_key(&pid) {
+            return Err(TrackError::AlreadyTracked(pid));
+        }
+        let command = process_command(pid);
+        self.backend.start_runner(pid, false)?;
+        self.started.insert(
+            pid,
+            Started {
+                at: Instant::now(),
+                command,
+            },
+        );
+        Ok(())
+    }
+
+    /// Like `start_tracking_before_exec`, as a task runner.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn start_tracking_tasks_before_exec(
+        &mut self,
+        pid: u32,
+        command: Vec<String>,
+    ) -> Result<(), TrackError> {
+        self.backend.start_runner(pid, true)?;
+        self.started.insert(
+            pid,
+            Started {
+                at: Instant::now(),
+                command,
+            },
+        );
+        Ok(())
+    }
+
+    /// Tasks of tracked runners that have ended since the last call, waiting up to `timeout` for one.
+    pub fn finished_tasks(&mut self, timeout: Duration) -> Vec<TaskReport> {
+        self.backend.finished_tasks(timeout)
+    }
+
     /// The numbers of `pid`'s tree so far (`rss_bytes` now, `peak_rss_bytes` since tracking started),
     /// or `None` if it is not tracked.
     pub fn peek(&self, pid: u32) -> Option<TreeSample> {
@@ -203,12 +252,14 @@ impl MemoryTracker {
 }
 
 #[cfg(target_os = "linux")]
-fn load_ebpf() -> Result<Box<dyn Backend>, LoadError> {
-    Ok(Box::new(crate::backend::ebpf::EbpfTracker::load()?))
+fn load_ebpf(tasks: Option<TaskRules>) -> Result<Box<dyn Backend>, LoadError> {
+    Ok(Box::new(crate::backend::ebpf::EbpfTracker::load_with(
+        tasks,
+    )?))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn load_ebpf() -> Result<Box<dyn Backend>, LoadError> {
+fn load_ebpf(_tasks: Option<TaskRules>) -> Result<Box<dyn Backend>, LoadError> {
     Err(LoadError::NotLinux)
 }
 

@@ -1,6 +1,7 @@
 //! The eBPF backend: loads tracer's kernel programs and keeps per-tree peaks in their maps.
 
 use super::{Backend, BackendKind, ProgramStats};
+use crate::tasks::{LabelSource, TaskReport, TaskRules, label_of, parse_environment};
 use crate::{
     error::{LoadError, TrackError},
     kernel::{self, Kernel},
@@ -10,14 +11,20 @@ use crate::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, Queue, RingBuf},
     programs::TracePoint,
 };
-use std::{collections::HashMap as StdHashMap, os::fd::AsFd as _};
+use std::{
+    collections::{HashMap as StdHashMap, VecDeque},
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::{Duration, Instant, SystemTime},
+};
 use tracer_common::{
-    Counter, MAP_COUNTERS, MAP_MMS, MAP_SEEDS, MAP_TASKS, MAP_TREES, MAX_TREES, MM_ANONPAGES,
-    MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, MmState, NR_COUNTERS, NR_MEMBERS, Seed,
-    TASK_PENDING_EXEC, TaskState, TreeState, format,
+    Counter, EXIT_CODE_KNOWN, EXIT_SIGNAL_KNOWN, MAP_COUNTERS, MAP_EVENTS, MAP_FREE_SLOTS, MAP_MMS,
+    MAP_SEEDS, MAP_TASKS, MAP_TREES, MARKER_BYTES, MARKER_WORDS, MAX_TREES, MM_ANONPAGES,
+    MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, MmState, NO_PARENT, NR_COUNTERS, NR_MEMBERS, Seed,
+    TASK_PENDING_EXEC, TREE_CHILD_TASK, TREE_PLAIN, TREE_RUNNER, TaskEvent, TaskState, TreeState,
+    format,
 };
 
 /// The BPF object, built from `tracer-ebpf` by build.rs.
@@ -31,6 +38,28 @@ const PROGRAMS: [(&str, &str, &str); 4] = [
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
+/// Programs needed only to split a runner's tree into tasks: where tasks start (exec, with the
+/// environment), and how their root processes end.
+const TASK_PROGRAMS: [(&str, &str, &str); 4] = [
+    ("sys_enter_execve", "syscalls", "sys_enter_execve"),
+    ("sys_enter_execveat", "syscalls", "sys_enter_execveat"),
+    ("sys_enter_exit_group", "syscalls", "sys_enter_exit_group"),
+    ("signal_deliver", "signal", "signal_deliver"),
+];
+
+/// How long a freed tree slot waits before reuse: an event already inside a program may still write
+/// to it.
+const SLOT_COOLING: Duration = Duration::from_millis(200);
+
+/// What userspace knows of a started task until it ends.
+struct TaskInfo {
+    pid: u32,
+    label: Option<(String, LabelSource)>,
+    command: Vec<String>,
+    start: SystemTime,
+    started_before_tracking: bool,
+}
+
 /// Identifies one tracked tree (a slot in the `TREES` map).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TreeId(u32);
@@ -42,6 +71,8 @@ struct ActiveTree {
     seeded: Vec<u32>,
     /// Tasks registered after the tree's totals went live, so not counted in its `live_tasks`.
     late_tasks: i64,
+    /// Processes of trees nested in this one that have ended already.
+    nested_processes: u64,
 }
 
 /// Loaded and attached BPF programs and their maps. Each tracker has its own maps, so several tracers
@@ -57,13 +88,25 @@ pub struct EbpfTracker {
     active: StdHashMap<u32, ActiveTree>,
     /// Root pid → tree, for the `Backend` interface.
     roots: StdHashMap<u32, TreeId>,
-    next_slots: Vec<u32>,
+    free_slots: Queue<MapData, u32>,
+    /// Freed slots waiting out `SLOT_COOLING` before they go back to `free_slots`.
+    cooling: VecDeque<(Instant, u32)>,
+    events: RingBuf<MapData>,
+    task_rules: Option<TaskRules>,
+    /// Started tasks, by tree slot.
+    task_info: StdHashMap<u32, TaskInfo>,
     kernel: Kernel,
 }
 
 impl EbpfTracker {
     /// Checks privileges and tracepoint layouts, then loads and attaches the programs.
     pub fn load() -> Result<EbpfTracker, LoadError> {
+        EbpfTracker::load_with(None)
+    }
+
+    /// Like [`EbpfTracker::load`]; with `task_rules`, also the programs that split runner trees into
+    /// tasks (see [`EbpfTracker::track_runner`]).
+    pub fn load_with(task_rules: Option<TaskRules>) -> Result<EbpfTracker, LoadError> {
         let kernel = Kernel::current();
         kernel::check_privileges()?;
         kernel::check_host_pid_namespace()?;
@@ -101,14 +144,33 @@ impl EbpfTracker {
             (format::GLOBAL_EXIT_PID, exit.offset("pid", 4)?),
         ]
         .map(|(name, offset)| (name, offset as u32));
+        let task_offsets = match &task_rules {
+            Some(_) => task_offsets(&tracefs, &exec)?,
+            None => [0; 6],
+        };
+        let (marker, marker_mask, marker_len) = match &task_rules {
+            Some(rules) => marker_words(&rules.marker)?,
+            None => ([0; MARKER_WORDS], [0; MARKER_WORDS], 0),
+        };
 
         let mut loader = loader_without_kernel_btf();
         for (name, offset) in &offsets {
             loader.override_global(name, offset, true);
         }
+        for (name, offset) in TASK_GLOBALS.iter().zip(&task_offsets) {
+            loader.override_global(name, offset, true);
+        }
+        loader.override_global(format::GLOBAL_TASK_MARKER, &marker, true);
+        loader.override_global(format::GLOBAL_TASK_MARKER_MASK, &marker_mask, true);
+        loader.override_global(format::GLOBAL_TASK_MARKER_LEN, &marker_len, true);
         let mut ebpf = loader.load(BPF_OBJECT).map_err(LoadError::Object)?;
         for (program, category, name) in PROGRAMS {
             attach(&mut ebpf, program, category, name)?;
+        }
+        if task_rules.is_some() {
+            for (program, category, name) in TASK_PROGRAMS {
+                attach(&mut ebpf, program, category, name)?;
+            }
         }
         let tasks =
             HashMap::try_from(take_map(&mut ebpf, MAP_TASKS)?).map_err(map_type(MAP_TASKS))?;
@@ -119,6 +181,13 @@ impl EbpfTracker {
             Array::try_from(take_map(&mut ebpf, MAP_TREES)?).map_err(map_type(MAP_TREES))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(map_type(MAP_COUNTERS))?;
+        let mut free_slots = Queue::try_from(take_map(&mut ebpf, MAP_FREE_SLOTS)?)
+            .map_err(map_type(MAP_FREE_SLOTS))?;
+        for slot in 0..MAX_TREES {
+            free_slots.push(slot, 0).map_err(map_type(MAP_FREE_SLOTS))?;
+        }
+        let events =
+            RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?).map_err(map_type(MAP_EVENTS))?;
         Ok(EbpfTracker {
             ebpf,
             tasks,
@@ -128,7 +197,11 @@ impl EbpfTracker {
             counters,
             active: StdHashMap::new(),
             roots: StdHashMap::new(),
-            next_slots: (0..MAX_TREES).rev().collect(),
+            free_slots,
+            cooling: VecDeque::new(),
+            events,
+            task_rules,
+            task_info: StdHashMap::new(),
             kernel,
         })
     }
@@ -142,24 +215,124 @@ impl EbpfTracker {
     /// address space (a copy of the tracer's) is not counted, everything from its exec on is, and so is
     /// every task it creates.
     pub fn track_before_exec(&mut self, pid: u32) -> Result<TreeId, TrackError> {
+        self.open_before_exec(pid, TREE_PLAIN)
+    }
+
+    /// Like [`EbpfTracker::track_before_exec`], for a task runner: every process its root forks
+    /// starts a task when it execs, as does every exec whose environment carries the marker; each
+    /// task gets a tree of its own, nested in the runner's (which counts everything). Task starts and
+    /// ends come from [`EbpfTracker::wait_task_events`]. Needs a tracker loaded with task rules.
+    pub fn track_runner_before_exec(&mut self, pid: u32) -> Result<TreeId, TrackError> {
+        if self.task_rules.is_none() {
+            return Err(TrackError::TasksNotEnabled);
+        }
+        self.open_before_exec(pid, TREE_RUNNER)
+    }
+
+    fn open_before_exec(&mut self, pid: u32, kind: u32) -> Result<TreeId, TrackError> {
+        let slot = self.alloc_slot()?;
         let tree = TreeState {
             live_tasks: 1,
+            kind,
+            root_pid: pid,
+            parent: NO_PARENT,
             ..TreeState::default()
         };
-        self.open_tree(tree, Vec::new(), &[(pid, TASK_PENDING_EXEC)])
+        self.open_trees(
+            &[(slot, tree)],
+            Vec::new(),
+            &[(pid, TASK_PENDING_EXEC, slot)],
+        )?;
+        Ok(TreeId(slot))
+    }
+
+    /// A tree slot from the pool shared with the kernel side (which takes task slots there).
+    fn alloc_slot(&mut self) -> Result<u32, TrackError> {
+        self.recycle_cooled_slots(false);
+        self.free_slots
+            .pop(0)
+            .map_err(|_| TrackError::TooManyTrees(MAX_TREES))
+    }
+
+    /// Gives a slot back, after `SLOT_COOLING`.
+    fn release_slot(&mut self, slot: u32) {
+        self.cooling.push_back((Instant::now(), slot));
+    }
+
+    fn recycle_cooled_slots(&mut self, all: bool) {
+        while let Some(&(freed, slot)) = self.cooling.front() {
+            if !all && freed.elapsed() < SLOT_COOLING {
+                break;
+            }
+            self.cooling.pop_front();
+            // Reset before the kernel side can take it: it only sets the fields it needs.
+            if self.trees.set(slot, TreeState::default(), 0).is_ok() {
+                let _ = self.free_slots.push(slot, 0);
+            }
+        }
     }
 
     /// Starts a tree at the running process `pid`, with its threads and every descendant alive now.
     /// Their current RSS (from `/proc`) is the tree's starting point: what they used before is
-    /// unknown. A process forked during this very call may be missed.
+    /// unknown.
     pub fn track_running(&mut self, pid: u32) -> Result<TreeId, TrackError> {
+        Ok(self.open_running(pid, false)?.0)
+    }
+
+    /// Like [`EbpfTracker::track_running`], for a task runner (see
+    /// [`EbpfTracker::track_runner_before_exec`]): each child it has now becomes a task at once, with
+    /// its own descendants; returns the runner's tree and those tasks with their root pids.
+    pub fn track_runner(&mut self, pid: u32) -> Result<(TreeId, Vec<(TreeId, u32)>), TrackError> {
+        if self.task_rules.is_none() {
+            return Err(TrackError::TasksNotEnabled);
+        }
+        self.open_running(pid, true)
+    }
+
+    fn open_running(
+        &mut self,
+        pid: u32,
+        runner: bool,
+    ) -> Result<(TreeId, Vec<(TreeId, u32)>), TrackError> {
         if proc::parent_of(pid).is_none() {
             return Err(TrackError::NoSuchProcess(pid));
         }
-        let mut tree = TreeState::default();
+        let kind = if runner { TREE_RUNNER } else { TREE_PLAIN };
+        let root = TreeState {
+            kind,
+            root_pid: pid,
+            parent: NO_PARENT,
+            ..TreeState::default()
+        };
+        let mut trees = vec![(self.alloc_slot()?, root)];
+        // Which of `trees` each process is counted in.
+        let mut owner: StdHashMap<u32, usize> = StdHashMap::from([(pid, 0)]);
         let mut seeds = Vec::new();
         let mut tasks = Vec::new();
         for process in proc::tree_of(pid) {
+            let parent = proc::parent_of(process).unwrap_or(pid);
+            let index = if process == pid {
+                0
+            } else if runner && parent == pid {
+                let slot = match self.alloc_slot() {
+                    Ok(slot) => slot,
+                    Err(err) => {
+                        trees.iter().for_each(|&(slot, _)| self.release_slot(slot));
+                        return Err(err);
+                    }
+                };
+                let task = TreeState {
+                    kind: TREE_CHILD_TASK,
+                    root_pid: process,
+                    parent: trees[0].0,
+                    ..TreeState::default()
+                };
+                trees.push((slot, task));
+                trees.len() - 1
+            } else {
+                owner.get(&parent).copied().unwrap_or(0)
+            };
+            owner.insert(process, index);
             // rss_stat member order: file, anon, swap, shmem.
             let Some(values) =
                 proc::status_bytes(process, &["RssFile", "RssAnon", "VmSwap", "RssShmem"])
@@ -169,41 +342,63 @@ impl EbpfTracker {
             let mut seed = Seed::default();
             for (member, value) in values.into_iter().enumerate().take(NR_MEMBERS) {
                 seed.members[member] = value as i64;
-                tree.members[member] += value as i64;
             }
-            tree.rss += seed.rss();
-            seeds.push((process, seed));
+            // The process counts in its tree and in the runner's.
+            let counted_in = if index == 0 { vec![0] } else { vec![index, 0] };
             let threads = proc::threads_of(process);
-            tree.live_tasks += threads.len() as i64;
-            tasks.extend(threads.into_iter().map(|tid| (tid, 0)));
+            for &tree_index in &counted_in {
+                let tree = &mut trees[tree_index].1;
+                for member in 0..NR_MEMBERS {
+                    tree.members[member] += seed.members[member];
+                }
+                tree.rss += seed.rss();
+            }
+            trees[index].1.live_tasks += threads.len() as i64;
+            seeds.push((process, seed));
+            let slot = trees[index].0;
+            tasks.extend(threads.into_iter().map(|tid| (tid, 0, slot)));
         }
-        tree.peak = tree.rss;
-        tree.peak_members = tree.members;
-        tree.swap_peak = tree.members[MM_SWAPENTS];
-        let id = self.open_tree(tree, seeds, &tasks)?;
-        self.register_late_descendants(id, pid);
-        Ok(id)
+        for (_, tree) in &mut trees {
+            tree.peak = tree.rss;
+            tree.peak_members = tree.members;
+            tree.swap_peak = tree.members[MM_SWAPENTS];
+        }
+        self.open_trees(&trees, seeds, &tasks)?;
+        let id = TreeId(trees[0].0);
+        self.register_late_descendants(id, pid, runner);
+        let task_trees = trees[1..]
+            .iter()
+            .map(|&(slot, tree)| (TreeId(slot), tree.root_pid))
+            .collect();
+        Ok((id, task_trees))
     }
 
     /// Processes forked by a not-yet-registered parent while the tree was being registered are in no
     /// map: walk the tree again until no such process is found. Those found now are registered
     /// without a seed (the kernel side updates the tree's totals concurrently from here on): each of
-    /// their RSS members counts from its first change on.
-    fn register_late_descendants(&mut self, id: TreeId, root: u32) {
+    /// their RSS members counts from its first change on. A runner's late children still become tasks
+    /// when they exec.
+    fn register_late_descendants(&mut self, id: TreeId, root: u32, runner: bool) {
         for _ in 0..4 {
-            let late: Vec<u32> = proc::tree_of(root)
+            let late: Vec<(u32, u32)> = proc::tree_of(root)
                 .into_iter()
-                .flat_map(proc::threads_of)
-                .filter(|tid| self.tasks.get(tid, 0).is_err())
+                .flat_map(|process| {
+                    let flags = if runner && proc::parent_of(process) == Some(root) {
+                        tracer_common::TASK_CHILD_OF_RUNNER
+                    } else {
+                        0
+                    };
+                    proc::threads_of(process)
+                        .into_iter()
+                        .map(move |tid| (tid, flags))
+                })
+                .filter(|(tid, _)| self.tasks.get(tid, 0).is_err())
                 .collect();
             if late.is_empty() {
                 return;
             }
-            for tid in late {
-                let task = TaskState {
-                    tree: id.0,
-                    flags: 0,
-                };
+            for (tid, flags) in late {
+                let task = TaskState { tree: id.0, flags };
                 if self.tasks.insert(tid, task, 0).is_ok()
                     && let Some(active) = self.active.get_mut(&id.0)
                 {
@@ -213,22 +408,23 @@ impl EbpfTracker {
         }
     }
 
-    /// Registers a tree: its totals, then the seeds, then the tasks (an mm can only bind once its
+    /// Registers trees: their totals, then the seeds, then the tasks (an mm can only bind once its
     /// task is registered, and must find its seed then).
-    fn open_tree(
+    fn open_trees(
         &mut self,
-        tree: TreeState,
+        trees: &[(u32, TreeState)],
         seeds: Vec<(u32, Seed)>,
-        tasks: &[(u32, u32)],
-    ) -> Result<TreeId, TrackError> {
-        let slot = self
-            .next_slots
-            .pop()
-            .ok_or(TrackError::TooManyTrees(MAX_TREES))?;
-        let mut registered = self
-            .trees
-            .set(slot, tree, 0)
-            .map_err(map_err(MAP_TREES, "reset"));
+        tasks: &[(u32, u32, u32)],
+    ) -> Result<(), TrackError> {
+        let mut registered = Ok(());
+        for (slot, tree) in trees {
+            if registered.is_ok() {
+                registered = self
+                    .trees
+                    .set(*slot, tree, 0)
+                    .map_err(map_err(MAP_TREES, "set"));
+            }
+        }
         for (tgid, seed) in &seeds {
             if registered.is_ok() {
                 registered = self
@@ -237,7 +433,7 @@ impl EbpfTracker {
                     .map_err(map_err(MAP_SEEDS, "insert"));
             }
         }
-        for &(tid, flags) in tasks {
+        for &(tid, flags, slot) in tasks {
             if registered.is_ok() {
                 let task = TaskState { tree: slot, flags };
                 registered = self
@@ -246,18 +442,164 @@ impl EbpfTracker {
                     .map_err(map_err(MAP_TASKS, "insert"));
             }
         }
-        let active = ActiveTree {
-            counters_at_start: self.counter_totals(),
-            missed_at_start: self.missed_events(),
-            seeded: seeds.into_iter().map(|(tgid, _)| tgid).collect(),
-            late_tasks: 0,
-        };
-        self.active.insert(slot, active);
+        let counters_at_start = self.counter_totals();
+        let missed_at_start = self.missed_events();
+        let seeded: Vec<u32> = seeds.iter().map(|(tgid, _)| *tgid).collect();
+        for (index, &(slot, _)) in trees.iter().enumerate() {
+            let active = ActiveTree {
+                counters_at_start,
+                missed_at_start,
+                // The root tree owns the seeds' clean-up.
+                seeded: if index == 0 {
+                    seeded.clone()
+                } else {
+                    Vec::new()
+                },
+                late_tasks: 0,
+                nested_processes: 0,
+            };
+            self.active.insert(slot, active);
+        }
         if let Err(err) = registered {
-            let _ = self.stop_tracking(TreeId(slot));
+            for &(slot, _) in trees.iter().rev() {
+                let _ = self.stop_tracking(TreeId(slot));
+            }
             return Err(err);
         }
-        Ok(TreeId(slot))
+        Ok(())
+    }
+
+    /// Reads a task's label and command line from `/proc` now (its exec has just happened).
+    fn task_info_now(
+        &self,
+        pid: u32,
+        exec_filename: Option<String>,
+        start: SystemTime,
+        started_before_tracking: bool,
+    ) -> TaskInfo {
+        let command = proc::cmdline(pid);
+        let environment = std::fs::read(format!("/proc/{pid}/environ"))
+            .map(|raw| parse_environment(&raw))
+            .unwrap_or_default();
+        let marker = self
+            .task_rules
+            .as_ref()
+            .map_or(crate::tasks::NX_MARKER, |rules| &rules.marker);
+        let label = label_of(&environment, &command, marker).or_else(|| {
+            exec_filename
+                .filter(|name| !name.is_empty())
+                .map(|name| (name, LabelSource::ExecFilename))
+        });
+        TaskInfo {
+            pid,
+            label,
+            command,
+            start,
+            started_before_tracking,
+        }
+    }
+
+    /// Waits up to `timeout` for task starts and ends (see [`EbpfTracker::track_runner`]).
+    pub fn wait_task_events(&mut self, timeout: Duration) -> Vec<TaskEvent> {
+        let mut events = self.drain_task_events();
+        if events.is_empty() {
+            let mut poll = libc::pollfd {
+                fd: self.events.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe {
+                libc::poll(
+                    &mut poll,
+                    1,
+                    timeout.as_millis().min(i32::MAX as u128) as i32,
+                )
+            };
+            events = self.drain_task_events();
+        }
+        for event in &events {
+            if event.kind == tracer_common::EVENT_TASK_STARTED {
+                let counters_at_start = self.counter_totals();
+                let missed_at_start = self.missed_events();
+                let active = ActiveTree {
+                    counters_at_start,
+                    missed_at_start,
+                    seeded: Vec::new(),
+                    late_tasks: 0,
+                    nested_processes: 0,
+                };
+                self.active.entry(event.slot).or_insert(active);
+            }
+        }
+        events
+    }
+
+    fn drain_task_events(&mut self) -> Vec<TaskEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<TaskEvent>() {
+                // SAFETY: the kernel side writes whole `TaskEvent`s; read unaligned from the ring.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<TaskEvent>()) });
+            }
+        }
+        events
+    }
+
+    /// How a tree's root process ended, as far as the kernel side saw: `(exit code, signal)`.
+    pub fn root_exit(&self, id: TreeId) -> (Option<i32>, Option<i32>) {
+        let Ok(tree) = self.trees.get(&id.0, 0) else {
+            return (None, None);
+        };
+        if tree.exit_flags & EXIT_CODE_KNOWN != 0 {
+            (Some(tree.exit_code), None)
+        } else if tree.exit_flags & EXIT_SIGNAL_KNOWN != 0 {
+            (None, Some(tree.signal))
+        } else {
+            (None, None)
+        }
+    }
+
+    /// Ends a task's tree once its last task exited: waits (up to 100 ms) for the teardown of its
+    /// address spaces to reach the kernel side, then reports it like [`EbpfTracker::stop_tracking`].
+    pub fn finish_task(&mut self, id: TreeId) -> Result<TreeSample, TrackError> {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < deadline && self.trees.get(&id.0, 0).is_ok_and(|tree| tree.rss > 0) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.active.contains_key(&id.0) {
+            // Started and ended before its start event was read, or never announced.
+            self.active.insert(
+                id.0,
+                ActiveTree {
+                    counters_at_start: self.counter_totals(),
+                    missed_at_start: self.missed_events(),
+                    seeded: Vec::new(),
+                    late_tasks: 0,
+                    nested_processes: 0,
+                },
+            );
+        }
+        self.stop_tracking(id)
+    }
+
+    /// Trees nested in `id` that are still tracked (tasks of a runner, and tasks inside those).
+    pub fn nested_trees(&self, id: TreeId) -> Vec<TreeId> {
+        let mut nested = Vec::new();
+        let mut frontier = vec![id.0];
+        while let Some(parent) = frontier.pop() {
+            for &slot in self.active.keys() {
+                if self
+                    .trees
+                    .get(&slot, 0)
+                    .is_ok_and(|tree| tree.parent == parent && slot != parent)
+                {
+                    nested.push(TreeId(slot));
+                    frontier.push(slot);
+                }
+            }
+        }
+        nested
     }
 
     /// The tree's numbers so far.
@@ -310,6 +652,15 @@ impl EbpfTracker {
     /// (tasks still running, address spaces not yet torn down), so nothing of it leaks into a later
     /// tree that gets the same slot, pid or `mm_id`.
     pub fn stop_tracking(&mut self, id: TreeId) -> Result<TreeSample, TrackError> {
+        let root_exit = self.root_exit(id);
+        // Trees nested in this one (tasks still running when their runner stops) go first; what
+        // still runs in them is still running in this tree too.
+        let mut nested_running = 0;
+        for nested in self.nested_trees(id).into_iter().rev() {
+            if let Ok(nested) = self.stop_tracking(nested) {
+                nested_running += nested.still_running;
+            }
+        }
         let mut sample = self.peek(id)?;
         let slot = id.0;
         let leftover_tasks: Vec<u32> = self
@@ -327,7 +678,16 @@ impl EbpfTracker {
             .iter()
             .filter(|&&tid| proc::is_process_leader(tid))
             .count() as u64;
-        sample.still_running = leftover_tasks.len() as u64;
+        sample.still_running = leftover_tasks.len() as u64 + nested_running;
+        if let Some(active) = self.active.get(&slot) {
+            sample.processes += active.nested_processes;
+        }
+        // This tree's processes are its parent's too.
+        if let Ok(tree) = self.trees.get(&slot, 0)
+            && let Some(parent) = self.active.get_mut(&tree.parent)
+        {
+            parent.nested_processes += sample.processes;
+        }
         let leftover_mms: Vec<u32> = self
             .mms
             .iter()
@@ -346,7 +706,7 @@ impl EbpfTracker {
                 .push("no_events: no address space of the tree was seen".into());
             sample.exact = false;
         }
-        if leftover_tasks.is_empty() && sample.rss_bytes != 0 {
+        if sample.still_running == 0 && sample.rss_bytes != 0 {
             // Every task exited, so every address space should have been torn down to zero.
             sample.inexact_reasons.push(format!(
                 "unbalanced_teardown: {} bytes still counted after every process exited",
@@ -359,11 +719,10 @@ impl EbpfTracker {
                 let _ = self.seeds.remove(tgid);
             }
         }
-        self.trees
-            .set(slot, TreeState::default(), 0)
-            .map_err(map_err(MAP_TREES, "reset"))?;
         self.active.remove(&slot);
-        self.next_slots.push(slot);
+        self.task_info.remove(&slot);
+        self.release_slot(slot);
+        sample.root_exit = root_exit;
         Ok(sample)
     }
 
@@ -441,6 +800,57 @@ impl EbpfTracker {
         }
         totals
     }
+}
+
+/// Globals of the task programs, in the order `task_offsets` returns their values.
+const TASK_GLOBALS: [&str; 6] = [
+    format::GLOBAL_EXEC_FILENAME,
+    format::GLOBAL_EXECVE_ENVP,
+    format::GLOBAL_EXECVEAT_ENVP,
+    format::GLOBAL_EXIT_GROUP_CODE,
+    format::GLOBAL_SIGNAL_SIG,
+    format::GLOBAL_SIGNAL_HANDLER,
+];
+
+/// Field offsets the task programs read, from the format files.
+fn task_offsets(tracefs: &std::path::Path, exec: &tracefs::Format) -> Result<[u32; 6], LoadError> {
+    let execve = tracefs::format(tracefs, "syscalls", "sys_enter_execve")?;
+    let execveat = tracefs::format(tracefs, "syscalls", "sys_enter_execveat")?;
+    let exit_group = tracefs::format(tracefs, "syscalls", "sys_enter_exit_group")?;
+    let signal = tracefs::format(tracefs, "signal", "signal_deliver")?;
+    Ok([
+        exec.offset("filename", 4)?,
+        execve.offset("envp", 8)?,
+        execveat.offset("envp", 8)?,
+        exit_group.offset("error_code", 8)?,
+        signal.offset("sig", 4)?,
+        signal.offset("sa_handler", 8)?,
+    ]
+    .map(|offset| offset as u32))
+}
+
+/// `NAME=` as the exec program compares it: little-endian words, zero-padded, and their byte mask.
+type Marker = ([u64; MARKER_WORDS], [u64; MARKER_WORDS], u32);
+
+fn marker_words(name: &str) -> Result<Marker, LoadError> {
+    let marker = format!("{name}=");
+    if name.is_empty() || name.contains('=') || name.contains('\0') || marker.len() > MARKER_BYTES {
+        return Err(LoadError::BadTaskMarker(name.to_string()));
+    }
+    let (mut words, mut masks) = ([0u64; MARKER_WORDS], [0u64; MARKER_WORDS]);
+    for (index, byte) in marker.bytes().enumerate() {
+        words[index / 8] |= u64::from(byte) << (8 * (index % 8));
+        masks[index / 8] |= 0xff << (8 * (index % 8));
+    }
+    Ok((words, masks, marker.len() as u32))
+}
+
+/// The wall-clock time of a `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) timestamp.
+fn wall_time_of(monotonic_ns: u64) -> SystemTime {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+        .unwrap_or(monotonic_ns);
+    SystemTime::now() - Duration::from_nanos(now.saturating_sub(monotonic_ns))
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya 0.14 does not expose `recursion_misses`).
@@ -594,6 +1004,71 @@ impl Backend for EbpfTracker {
                 ..TreeSample::default()
             }),
         }
+    }
+
+    fn start_runner(&mut self, pid: u32, before_exec: bool) -> Result<(), TrackError> {
+        if before_exec {
+            let tree = self.track_runner_before_exec(pid)?;
+            self.roots.insert(pid, tree);
+            return Ok(());
+        }
+        let (tree, tasks) = self.track_runner(pid)?;
+        self.roots.insert(pid, tree);
+        for (task, task_pid) in tasks {
+            let info = self.task_info_now(task_pid, None, SystemTime::now(), true);
+            self.task_info.insert(task.0, info);
+        }
+        Ok(())
+    }
+
+    fn finished_tasks(&mut self, timeout: Duration) -> Vec<TaskReport> {
+        let mut finished = Vec::new();
+        for event in self.wait_task_events(timeout) {
+            let start = wall_time_of(event.time_ns);
+            if event.kind == tracer_common::EVENT_TASK_STARTED {
+                let filename = String::from_utf8_lossy(&event.filename)
+                    .trim_end_matches('\0')
+                    .to_string();
+                let info = self.task_info_now(event.pid, Some(filename), start, false);
+                self.task_info.insert(event.slot, info);
+                continue;
+            }
+            let id = TreeId(event.slot);
+            let exit = self.root_exit(id);
+            let info = self.task_info.remove(&event.slot).unwrap_or_else(|| {
+                // Ended before its start was read, or its exec never succeeded.
+                let label = (format!("pid {}", event.pid), LabelSource::ExecFilename);
+                TaskInfo {
+                    pid: event.pid,
+                    label: Some(label),
+                    command: Vec::new(),
+                    start,
+                    started_before_tracking: false,
+                }
+            });
+            let sample = self.finish_task(id).unwrap_or_else(|err| TreeSample {
+                exact: false,
+                inexact_reasons: vec![format!("reading the kernel maps failed: {err}")],
+                ..TreeSample::default()
+            });
+            let duration = wall_time_of(event.time_ns)
+                .duration_since(info.start)
+                .unwrap_or_default();
+            let label = info
+                .label
+                .unwrap_or((format!("pid {}", info.pid), LabelSource::ExecFilename));
+            finished.push(TaskReport::new(
+                info.pid,
+                label,
+                info.command,
+                info.start,
+                duration,
+                exit,
+                sample,
+                info.started_before_tracking,
+            ));
+        }
+        finished
     }
 
     fn detach_in_background(self: Box<Self>) {

@@ -61,6 +61,17 @@ pub(crate) trait Backend: Send {
     /// Ends tracking of the tree and returns its final numbers.
     fn stop(&mut self, pid: u32) -> Option<TreeSample>;
 
+    /// Starts following `pid` as a task runner: its tree, and each task in it apart (eBPF only).
+    fn start_runner(&mut self, _pid: u32, _before_exec: bool) -> Result<(), TrackError> {
+        Err(TrackError::TasksNotEnabled)
+    }
+
+    /// Tasks that ended, waiting up to `timeout` for one.
+    fn finished_tasks(&mut self, timeout: std::time::Duration) -> Vec<crate::tasks::TaskReport> {
+        std::thread::sleep(timeout);
+        Vec::new()
+    }
+
     /// Releases the backend so the process can exit at once (eBPF detaches in the background).
     fn detach_in_background(self: Box<Self>) {}
 
