@@ -1,0 +1,202 @@
+//! Task runners: each task's own peak, reported as it ends (`tracer run --tasks`, `tracer attach`).
+//!
+//! GNU make runs recipes of known sizes, two at a time (overlapping); each recipe `exec`s the
+//! workload, so the task's root process is the workload itself and its oracle is the task's truth.
+
+mod common;
+use common::{assert_matches_oracle, ebpf_available, tracer, workload};
+use serde_json::Value;
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+};
+
+/// A Makefile whose targets hold `sizes` MiB each (target `fail` exits 2 after holding 8 MiB), after
+/// an optional first step that only sleeps (so an attach can happen before the tasks start).
+fn makefile(
+    dir: &std::path::Path,
+    sizes: &[u64],
+    fail: bool,
+    sleep_first: bool,
+) -> std::path::PathBuf {
+    let workload = workload();
+    let names: Vec<String> = sizes.iter().map(|mib| format!("hold{mib}")).collect();
+    let mut text = format!(
+        "all: {}{}\n",
+        names.join(" "),
+        if fail { " fail" } else { "" }
+    );
+    let first = if sleep_first { "first" } else { "" };
+    if sleep_first {
+        text.push_str("first:\n\tsleep 1\n");
+    }
+    for (name, mib) in names.iter().zip(sizes) {
+        text.push_str(&format!(
+            "{name}: {first}\n\texec {} hold --mib {mib} --hold-ms 300\n",
+            workload.display()
+        ));
+    }
+    if fail {
+        text.push_str(&format!(
+            "fail: {first}\n\t{} hold --mib 8 --hold-ms 50 > /dev/null; exit 2\n",
+            workload.display()
+        ));
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("Makefile");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The workloads' oracle lines, by pid.
+fn oracles(stdout: &str) -> HashMap<u64, u64> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|oracle| {
+            (
+                oracle["pids"][0].as_u64().unwrap(),
+                oracle["oracle_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("no JSON lines at {}: {err}", path.display()))
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON line"))
+        .collect()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()))
+}
+
+#[test]
+fn run_tasks_reports_every_make_recipe_with_its_own_peak() {
+    if !ebpf_available(module_path!()) {
+        return;
+    }
+    let dir = temp_dir("make-run");
+    let sizes = [40, 120, 64, 200];
+    let makefile = makefile(&dir, &sizes, true, false);
+    let json = dir.join("tasks.jsonl");
+    let output = Command::new(tracer())
+        .args(["run", "--tasks", "--json"])
+        .arg(&json)
+        .args(["--", "make", "-s", "-j2", "-f"])
+        .arg(&makefile)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "make's status passes through: {stderr}"
+    );
+    let lines = json_lines(&json);
+    let tasks: Vec<&Value> = lines.iter().filter(|line| line["kind"] == "task").collect();
+    let oracles = oracles(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(tasks.len(), sizes.len() + 1, "{stderr}");
+    for task in &tasks {
+        let pid = task["pid"].as_u64().unwrap();
+        let label = task["label"].as_str().unwrap();
+        let peak = task["peak_rss_bytes"].as_u64().unwrap();
+        if label.contains("exit 2") {
+            assert_eq!(task["exit_code"], 2);
+            assert!(stderr.contains(&format!("✖  {label} (")), "{stderr}");
+            continue;
+        }
+        assert_eq!(task["exit_code"], 0, "{task}");
+        assert_eq!(task["exact"], true, "{task}");
+        assert!(stderr.contains(&format!("✔  {label} (")), "{stderr}");
+        let oracle = oracles
+            .get(&pid)
+            .unwrap_or_else(|| panic!("no oracle for task {pid}: {label}"));
+        assert_matches_oracle(label, peak, *oracle);
+    }
+    let run = lines.last().unwrap();
+    assert_eq!(run["kind"], "run");
+    assert_eq!(run["exit_code"], 2);
+    // Two recipes at a time: the whole tree's peak is above any single task's, below all of them.
+    let largest = tasks
+        .iter()
+        .map(|task| task["peak_rss_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let sum: u64 = tasks
+        .iter()
+        .map(|task| task["peak_rss_bytes"].as_u64().unwrap())
+        .sum();
+    let whole = run["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        whole > largest && whole < sum,
+        "whole {whole}, largest task {largest}, sum {sum}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn attach_to_make_reports_every_task_then_the_whole_tree() {
+    if !ebpf_available(module_path!()) {
+        return;
+    }
+    let dir = temp_dir("make-attach");
+    let sizes = [48, 96, 150];
+    let makefile = makefile(&dir, &sizes, false, true);
+    let mut make = Command::new("make")
+        .args(["-s", "-j2", "-f"])
+        .arg(&makefile)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let json = dir.join("attach.jsonl");
+    // make's first step sleeps a second: tracer attaches before any holding recipe starts.
+    let attach = Command::new(tracer())
+        .arg("attach")
+        .arg(make.id().to_string())
+        .arg("--json")
+        .arg(&json)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let make_out = std::io::read_to_string(make.stdout.take().unwrap()).unwrap();
+    assert!(make.wait().unwrap().success());
+    let attach = attach.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&attach.stderr);
+    assert!(
+        attach.status.success(),
+        "attach exits 0 when the runner exits: {stderr}"
+    );
+    let lines = json_lines(&json);
+    let oracles = oracles(&make_out);
+    let holding: Vec<&Value> = lines
+        .iter()
+        .filter(|line| line["kind"] == "task" && line["label"].as_str().unwrap().contains("hold"))
+        .collect();
+    assert_eq!(holding.len(), sizes.len(), "{stderr}");
+    for task in holding {
+        let pid = task["pid"].as_u64().unwrap();
+        let label = task["label"].as_str().unwrap();
+        assert_eq!(task["exact"], true, "started after the attach: {task}");
+        assert_matches_oracle(
+            label,
+            task["peak_rss_bytes"].as_u64().unwrap(),
+            oracles[&pid],
+        );
+    }
+    let runner = lines.last().unwrap();
+    assert_eq!(runner["kind"], "attach");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("✔  make -s -j2 -f "),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
