@@ -39,6 +39,20 @@ pub enum Command {
         )]
         command: Vec<OsString>,
     },
+    /// Serve tracking to unprivileged clients (task runners on CI) over a Unix socket.
+    ///
+    /// One JSON object per line: {"op":"start","pid":N}, {"op":"peek","pid":N}, {"op":"stop","pid":N}
+    /// (answered with the report). Non-root clients may track only their own processes.
+    Serve {
+        /// Where to create the socket (mode 0660).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The group that may connect (the socket's group); default: tracer's own.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// Track a running task runner (make, Nx, a CI script) and every task it starts: one line per
     /// task as it ends, then the whole tree's peak when PID exits or on Ctrl-C (exit status 0).
     ///

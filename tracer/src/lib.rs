@@ -23,6 +23,8 @@ pub mod kernel;
 #[cfg(target_os = "linux")]
 mod proc;
 #[cfg(target_os = "linux")]
+pub mod serve;
+#[cfg(target_os = "linux")]
 pub mod spawn;
 #[cfg(target_os = "linux")]
 pub mod tracefs;

@@ -33,6 +33,11 @@ fn main() -> ExitCode {
             json,
             task_env,
         } => attach(pid, json.as_deref(), task_env),
+        cli::Command::Serve {
+            socket,
+            group,
+            backend,
+        } => serve(&socket, group.as_deref(), &backend),
     }
 }
 
@@ -143,6 +148,43 @@ fn attach(pid: u32, json: Option<&Path>, task_env: Option<String>) -> ExitCode {
     }
     tracker.detach_in_background();
     ExitCode::SUCCESS
+}
+
+#[cfg(target_os = "linux")]
+fn serve(socket: &Path, group: Option<&str>, backend: &cli::BackendArgs) -> ExitCode {
+    let tracker = match open_tracker(backend, None) {
+        Ok(tracker) => tracker,
+        Err(err) => return fail(&err),
+    };
+    let listener = match output::bind_socket(socket, group) {
+        Ok(listener) => listener,
+        Err(err) => return fail(err.as_ref()),
+    };
+    eprintln!(
+        "tracer: serving on {} ({} backend)",
+        socket.display(),
+        tracker.backend().name()
+    );
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores an atomic.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+    let server = std::thread::spawn(move || tracer::serve::serve(listener, tracker));
+    while !STOP.load(Ordering::SeqCst) && !server.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(socket);
+    if server.is_finished()
+        && let Ok(Err(err)) = server.join()
+    {
+        return fail(&err);
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(target_os = "linux"))]
+fn serve(_socket: &Path, _group: Option<&str>, _backend: &cli::BackendArgs) -> ExitCode {
+    fail(&tracer::error::LoadError::NotLinux)
 }
 
 /// Whether `pid` still runs (a zombie has exited: only its parent has not reaped it yet).

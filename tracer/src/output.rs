@@ -67,3 +67,33 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Creates the server socket, mode 0660, owned by `group` if given. A stale socket left by an earlier
+/// server is replaced; any other file there is an error.
+#[cfg(target_os = "linux")]
+pub fn bind_socket(
+    path: &Path,
+    group: Option<&str>,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            metadata.file_type().is_socket(),
+            "{} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("creating the socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    if let Some(name) = group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("looking up group {name}"))?
+            .with_context(|| format!("no group named {name}"))?;
+        nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("chgrp {name} {}", path.display()))?;
+    }
+    Ok(listener)
+}

@@ -115,6 +115,15 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Test client of `tracer serve`: sends each LINE to the socket and prints each answer line.
+    #[command(hide = true)]
+    Request {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Request lines, sent in order.
+        #[arg(required = true)]
+        lines: Vec<String>,
+    },
     /// Helper: map+touch MiB; with fds, signal ready-fd and block on release-fd (prints
     /// nothing); without fds, hold for hold-ms and print the oracle line.
     #[command(hide = true)]
@@ -150,6 +159,7 @@ impl Cmd {
             Cmd::SharedAnon { .. } => "shared-anon",
             Cmd::Faults { .. } => "faults",
             Cmd::Hold { .. } => "hold",
+            Cmd::Request { .. } => "request",
         }
     }
 }
@@ -216,7 +226,25 @@ fn run(cmd: Cmd) -> Result<Option<Report>> {
             release_fd,
             hold_ms,
         } => return hold(mib, ready_fd, release_fd, hold_ms),
+        Cmd::Request { socket, lines } => return request(&socket, &lines).map(|()| None),
     }))
+}
+
+/// One connection to `tracer serve`: each line out, each answer printed.
+fn request(socket: &std::path::Path, lines: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mut answers = BufReader::new(stream.try_clone().context("cloning the socket")?);
+    for line in lines {
+        writeln!(stream, "{line}").context("sending")?;
+        let mut answer = String::new();
+        answers
+            .read_line(&mut answer)
+            .context("reading the answer")?;
+        print!("{answer}");
+    }
+    Ok(())
 }
 
 fn emit(report: &impl Serialize) -> Result<()> {

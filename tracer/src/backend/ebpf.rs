@@ -699,8 +699,13 @@ impl EbpfTracker {
             let _ = self.mms.remove(mm_id);
         }
         sample.leftover_mms = leftover_mms.len() as u64;
-        if sample.address_spaces == 0 {
-            // Every process has an address space: seeing none means nothing was measured.
+        let seeded = self
+            .active
+            .get(&slot)
+            .is_some_and(|active| !active.seeded.is_empty());
+        if sample.address_spaces == 0 && !seeded {
+            // Every process has an address space: seeing none (and having read none from /proc
+            // when tracking started) means nothing was measured.
             sample
                 .inexact_reasons
                 .push("no_events: no address space of the tree was seen".into());
