@@ -85,17 +85,34 @@ pub fn test(extra_args: &[OsString]) -> Result<()> {
     bins.args(["build", "--workspace"])
         .args(HOST_EXCLUDES)
         .arg("--bins");
+    let nx_workspace = crate::nx::prepare_workspace()?;
     let mut tests = command()?;
     tests
         .args(["test", "--workspace"])
         .args(HOST_EXCLUDES)
-        .args(extra_args);
+        .args(extra_args)
+        .env("TRACER_NX_WORKSPACE", &nx_workspace);
+    // The library builds for macOS and Windows too (polling backend there).
+    let mut cross = command()?;
+    cross.args(["check", "--package", "tracer"]);
+    for target in crate::setup::CROSS_TARGETS {
+        cross.args(["--target", target]);
+    }
+    // The Node.js client against a real `tracer serve`.
+    let target = workspace_root().join("target/debug");
+    let mut node = Command::new("node");
+    node.current_dir(workspace_root().join("integrations/node"))
+        .args(["--test", "test/"])
+        .env("TRACER_BIN", target.join("tracer"))
+        .env("WORKLOAD_BIN", target.join("workload"));
 
     let mut steps = [
         ("format check", fmt),
         ("clippy", clippy),
         ("build binaries", bins),
         ("tests", tests),
+        ("cross-platform check", cross),
+        ("node client tests", node),
     ];
     let total = steps.len();
     for (i, (name, cmd)) in steps.iter_mut().enumerate() {

@@ -3,6 +3,7 @@
 mod bench;
 mod cargo;
 mod cmd;
+mod nx;
 mod setup;
 
 use std::ffi::OsString;

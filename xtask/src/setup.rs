@@ -15,6 +15,12 @@ const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev
 /// bpf-linker's build script finds LLVM through `llvm-config` on PATH.
 const LLVM_BIN_DIR: &str = "/usr/lib/llvm-22/bin";
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// The other platforms the `tracer` crate must build for (CI checks them with `cargo check`).
+pub const CROSS_TARGETS: [&str; 3] = [
+    "x86_64-apple-darwin",
+    "aarch64-apple-darwin",
+    "x86_64-pc-windows-msvc",
+];
 
 pub fn run() -> Result<()> {
     let rustup = cmd::find_program("rustup")?.context(
@@ -23,8 +29,29 @@ pub fn run() -> Result<()> {
     ensure_nightly(&rustup)?;
     ensure_rust_src(&rustup)?;
     ensure_bpf_linker()?;
+    ensure_cross_targets(&rustup)?;
     check_tracefs();
     Ok(())
+}
+
+/// The standard libraries of `CROSS_TARGETS` for the default toolchain (`cargo check` needs them).
+fn ensure_cross_targets(rustup: &Path) -> Result<()> {
+    let installed = cmd::stdout(Command::new(rustup).args(["target", "list", "--installed"]))?;
+    let missing: Vec<&str> = CROSS_TARGETS
+        .into_iter()
+        .filter(|target| !installed.lines().any(|line| line.trim() == *target))
+        .collect();
+    if missing.is_empty() {
+        say("cross-check targets (macOS, Windows): present");
+        return Ok(());
+    }
+    let mut add = Command::new(rustup);
+    add.args(["target", "add"]).args(&missing);
+    say(&format!(
+        "installing cross-check targets ({})",
+        cmd::display(&add)
+    ));
+    cmd::run(&mut add)
 }
 
 fn say(msg: &str) {

@@ -136,6 +136,10 @@ enum Cmd {
         release_fd: Option<RawFd>,
         #[arg(long, default_value_t = 100)]
         hold_ms: u64,
+        /// Oracle of a whole task: sum the VmRSS of the topmost ancestor whose environment has
+        /// this variable, and of all its descendants, while holding (no fds).
+        #[arg(long, value_name = "VAR")]
+        oracle_tree_env: Option<String>,
     },
 }
 
@@ -225,7 +229,16 @@ fn run(cmd: Cmd) -> Result<Option<Report>> {
             ready_fd,
             release_fd,
             hold_ms,
-        } => return hold(mib, ready_fd, release_fd, hold_ms),
+            oracle_tree_env,
+        } => {
+            return hold(
+                mib,
+                ready_fd,
+                release_fd,
+                hold_ms,
+                oracle_tree_env.as_deref(),
+            );
+        }
         Cmd::Request { socket, lines } => return request(&socket, &lines).map(|()| None),
     }))
 }
@@ -1008,6 +1021,7 @@ fn hold(
     ready_fd: Option<RawFd>,
     release_fd: Option<RawFd>,
     hold_ms: u64,
+    oracle_tree_env: Option<&str>,
 ) -> Result<Option<Report>> {
     let bytes = mib_bytes(mib)?;
     match (ready_fd, release_fd) {
@@ -1022,20 +1036,77 @@ fn hold(
         }
         (None, None) => {
             let region = map_and_touch(bytes)?;
-            let s = sample(getpid(), "self")?;
+            let samples = match oracle_tree_env {
+                None => vec![sample(getpid(), "self")?],
+                Some(var) => task_tree_samples(var)?,
+            };
             std::thread::sleep(Duration::from_millis(hold_ms));
             drop(region);
             Ok(Some(Report {
                 scenario: "hold",
-                oracle_bytes: s.vmrss_bytes,
-                pids: vec![s.pid],
+                oracle_bytes: samples.iter().map(|s| s.vmrss_bytes).sum(),
+                pids: pids_of(&samples),
                 detail: json!({
                     "mib": mib,
                     "hold_ms": hold_ms,
-                    "processes": [s],
+                    "processes": samples,
                 }),
             }))
         }
         _ => bail!("--ready-fd and --release-fd must be given together"),
     }
+}
+
+/// VmRSS of every process of the task this process runs in: the topmost ancestor whose environment
+/// carries `var` (the task's root, listed first), and all of its descendants.
+fn task_tree_samples(var: &str) -> Result<Vec<Sample>> {
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let has_var = |pid: i32| {
+        let prefix = format!("{var}=");
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+            env.split(|&b| b == 0)
+                .any(|entry| entry.starts_with(prefix.as_bytes()))
+        })
+    };
+    let mut root = getpid().as_raw();
+    while let Some(parent) = parent_of(root).filter(|&parent| parent > 1 && has_var(parent)) {
+        root = parent;
+    }
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .flatten()
+    {
+        if let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+            && let Some(parent) = parent_of(pid)
+        {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        tree.extend(children.get(&tree[next]).into_iter().flatten());
+        next += 1;
+    }
+    tree.into_iter()
+        .enumerate()
+        .map(|(index, pid)| {
+            sample(
+                Pid::from_raw(pid),
+                if index == 0 { "task-root" } else { "task" },
+            )
+        })
+        .collect()
 }
