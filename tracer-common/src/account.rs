@@ -333,9 +333,9 @@ mod nesting_tests {
         let (mut runner_mm, mut mm_a, mut mm_b) =
             (MmState::default(), MmState::default(), MmState::default());
         let event = |mm: &mut MmState,
-                         tree: Option<&mut TreeState>,
-                         runner: &mut TreeState,
-                         size: i64| unsafe {
+                     tree: Option<&mut TreeState>,
+                     runner: &mut TreeState,
+                     size: i64| unsafe {
             let (_, delta) = apply_to_mm(mm, MM_ANONPAGES, size);
             if let Some(tree) = tree {
                 apply_to_tree(tree, MM_ANONPAGES, delta);
