@@ -200,3 +200,47 @@ fn attach_to_make_reports_every_task_then_the_whole_tree() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tasks_with_the_polling_backend() {
+    // No privileges needed; held for 15+ intervals, so polling sees each task's memory.
+    let dir = temp_dir("make-poll");
+    let sizes = [40, 80];
+    let makefile = makefile(&dir, &sizes, false, false);
+    let json = dir.join("tasks.jsonl");
+    let output = Command::new(tracer())
+        .args([
+            "run",
+            "--tasks",
+            "--backend",
+            "poll",
+            "--interval",
+            "20",
+            "--json",
+        ])
+        .arg(&json)
+        .args(["--", "make", "-s", "-j2", "-f"])
+        .arg(&makefile)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let oracles = oracles(&String::from_utf8_lossy(&output.stdout));
+    let lines = json_lines(&json);
+    let tasks: Vec<&Value> = lines.iter().filter(|line| line["kind"] == "task").collect();
+    assert_eq!(tasks.len(), sizes.len(), "{stderr}");
+    for task in tasks {
+        let label = task["label"].as_str().unwrap();
+        assert_eq!(task["exact"], false);
+        assert_eq!(task["exit_code"], Value::Null, "polling cannot know it");
+        assert!(stderr.contains(&format!("•  {label} (")), "{stderr}");
+        let peak = task["peak_rss_bytes"].as_u64().unwrap();
+        let oracle = oracles[&task["pid"].as_u64().unwrap()];
+        assert!(
+            peak.abs_diff(oracle) <= oracle / 50,
+            "{label}: poll {peak} vs oracle {oracle} (2%)"
+        );
+    }
+    assert_eq!(lines.last().unwrap()["backend"], "poll");
+    let _ = std::fs::remove_dir_all(&dir);
+}

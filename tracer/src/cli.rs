@@ -67,6 +67,8 @@ pub enum Command {
         /// The environment variable that marks a task's topmost process (default: Nx's).
         #[arg(long, value_name = "VAR")]
         task_env: Option<String>,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
 }
 

@@ -32,7 +32,8 @@ fn main() -> ExitCode {
             pid,
             json,
             task_env,
-        } => attach(pid, json.as_deref(), task_env),
+            backend,
+        } => attach(pid, json.as_deref(), task_env, &backend),
         cli::Command::Serve {
             socket,
             group,
@@ -111,12 +112,13 @@ extern "C" fn request_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn attach(pid: u32, json: Option<&Path>, task_env: Option<String>) -> ExitCode {
-    let backend = cli::BackendArgs {
-        backend: cli::Backend::Ebpf,
-        interval: 100,
-    };
-    let mut tracker = match open_tracker(&backend, Some(task_rules(&task_env))) {
+fn attach(
+    pid: u32,
+    json: Option<&Path>,
+    task_env: Option<String>,
+    backend: &cli::BackendArgs,
+) -> ExitCode {
+    let mut tracker = match open_tracker(backend, Some(task_rules(&task_env))) {
         Ok(tracker) => tracker,
         Err(err) => return fail(&err),
     };

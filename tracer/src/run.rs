@@ -147,10 +147,13 @@ pub fn run_with_tasks(
         .collect();
     let held = crate::spawn::spawn_held(command)?;
     let pid = held.pid();
-    if let Err(err) = tracker.start_tracking_tasks_before_exec(pid, words.clone()) {
-        held.abandon();
-        return Err(err.into());
-    }
+    let before_exec = match tracker.start_tracking_tasks_before_exec(pid, words.clone()) {
+        Ok(registered) => registered,
+        Err(err) => {
+            held.abandon();
+            return Err(err.into());
+        }
+    };
     let running = match held.release(&command[0]) {
         Ok(running) => running,
         Err(err) => {
@@ -158,6 +161,9 @@ pub fn run_with_tasks(
             return Err(err.into());
         }
     };
+    if !before_exec {
+        tracker.start_tracking_tasks(pid)?;
+    }
     // The command is waited for on its own thread while this one reports tasks as they end.
     let (exited, exit) = mpsc::channel();
     std::thread::spawn(move || {

@@ -107,12 +107,13 @@ impl TaskReport {
         }
     }
 
-    /// `✔  nx run a:build (0.8s) (peak: 67MB)`; `✖` when it failed, was killed, or its exit is unknown.
+    /// `✔  nx run a:build (0.8s) (peak: 67MB)`; `✖` when it failed or was killed; `•` when how it
+    /// ended is unknown (the polling backend cannot see it).
     pub fn human_line(&self) -> String {
-        let mark = if self.exit_code == Some(0) {
-            '✔'
-        } else {
-            '✖'
+        let mark = match (self.exit_code, self.signal) {
+            (Some(0), None) => '✔',
+            (None, None) => '•',
+            _ => '✖',
         };
         format!(
             "{mark}  {} ({}) (peak: {})",

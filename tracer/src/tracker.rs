@@ -89,7 +89,8 @@ impl MemoryTracker {
     pub fn with_options(options: TrackerOptions) -> Result<MemoryTracker, LoadError> {
         let load_ebpf = || load_ebpf(options.tasks.clone());
         let poll = |fallback_reason| -> Result<MemoryTracker, LoadError> {
-            let backend = PollTracker::new(options.interval).map_err(LoadError::Poll)?;
+            let backend = PollTracker::new(options.interval, options.tasks.clone())
+                .map_err(LoadError::Poll)?;
             Ok(MemoryTracker::over(Box::new(backend), fallback_reason))
         };
         match options.backend {
@@ -181,22 +182,25 @@ impl MemoryTracker {
         Ok(())
     }
 
-    /// Like `start_tracking_before_exec`, as a task runner.
+    /// Like `start_tracking_before_exec`, as a task runner: `false` when the caller must call
+    /// [`MemoryTracker::start_tracking_tasks`] after the exec instead.
     #[cfg(target_os = "linux")]
     pub(crate) fn start_tracking_tasks_before_exec(
         &mut self,
         pid: u32,
         command: Vec<String>,
-    ) -> Result<(), TrackError> {
-        self.backend.start_runner(pid, true)?;
-        self.started.insert(
-            pid,
-            Started {
-                at: Instant::now(),
-                command,
-            },
-        );
-        Ok(())
+    ) -> Result<bool, TrackError> {
+        let registered = self.backend.start_runner(pid, true)?;
+        if registered {
+            self.started.insert(
+                pid,
+                Started {
+                    at: Instant::now(),
+                    command,
+                },
+            );
+        }
+        Ok(registered)
     }
 
     /// Tasks of tracked runners that have ended since the last call, waiting up to `timeout` for one.

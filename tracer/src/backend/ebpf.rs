@@ -1011,11 +1011,11 @@ impl Backend for EbpfTracker {
         }
     }
 
-    fn start_runner(&mut self, pid: u32, before_exec: bool) -> Result<(), TrackError> {
+    fn start_runner(&mut self, pid: u32, before_exec: bool) -> Result<bool, TrackError> {
         if before_exec {
             let tree = self.track_runner_before_exec(pid)?;
             self.roots.insert(pid, tree);
-            return Ok(());
+            return Ok(true);
         }
         let (tree, tasks) = self.track_runner(pid)?;
         self.roots.insert(pid, tree);
@@ -1023,7 +1023,7 @@ impl Backend for EbpfTracker {
             let info = self.task_info_now(task_pid, None, SystemTime::now(), true);
             self.task_info.insert(task.0, info);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn finished_tasks(&mut self, timeout: Duration) -> Vec<TaskReport> {

@@ -61,10 +61,10 @@ pub(crate) trait Backend: Send {
     /// Ends tracking of the tree and returns its final numbers.
     fn stop(&mut self, pid: u32) -> Option<TreeSample>;
 
-    /// Starts following `pid` as a task runner: its tree, and each task in it apart (eBPF only).
-    fn start_runner(&mut self, _pid: u32, _before_exec: bool) -> Result<(), TrackError> {
-        Err(TrackError::TasksNotEnabled)
-    }
+    /// Starts following `pid` as a task runner: its tree, and each task in it apart. With
+    /// `before_exec` (a held child, see `start_before_exec`), returns `false` when the backend would
+    /// rather start after the exec.
+    fn start_runner(&mut self, pid: u32, before_exec: bool) -> Result<bool, TrackError>;
 
     /// Tasks that ended, waiting up to `timeout` for one.
     fn finished_tasks(&mut self, timeout: std::time::Duration) -> Vec<crate::tasks::TaskReport> {

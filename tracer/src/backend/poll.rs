@@ -13,12 +13,16 @@
 //! memory refresh covers only the tree's processes in both cases.
 
 use super::{Backend, BackendKind, hwm};
-use crate::{error::TrackError, report::TreeSample};
+use crate::{
+    error::TrackError,
+    report::TreeSample,
+    tasks::{LabelSource, TaskReport, TaskRules, label_of, parse_environment},
+};
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
@@ -30,6 +34,7 @@ pub struct PollTracker {
     shared: Arc<Shared>,
     sampler: Option<JoinHandle<()>>,
     interval: Duration,
+    task_rules: TaskRules,
 }
 
 struct Shared {
@@ -53,11 +58,38 @@ struct PolledTree {
     peak: u64,
     samples: u64,
     largest_process_peak: Option<u64>,
+    /// For a runner: its tasks, found by the same rules as the eBPF backend's (direct children,
+    /// topmost processes carrying the marker), sampled apart.
+    runner: Option<Runner>,
+}
+
+struct Runner {
+    root: u32,
+    marker: String,
+    /// Live tasks by root pid.
+    tasks: HashMap<u32, PolledTask>,
+    /// Per member (pid, start time): is it a task's root?
+    is_task_root: HashMap<(u32, u64), bool>,
+    /// Ended tasks not yet collected by `finished_tasks`.
+    finished: Vec<TaskReport>,
+}
+
+struct PolledTask {
+    start: u64,
+    started: SystemTime,
+    label: (String, LabelSource),
+    command: Vec<String>,
+    peak: u64,
+    largest_process_peak: Option<u64>,
+    samples: u64,
 }
 
 impl PollTracker {
     /// Starts the sampler thread.
-    pub fn new(interval: Duration) -> Result<PollTracker, TrackError> {
+    pub fn new(
+        interval: Duration,
+        task_rules: Option<TaskRules>,
+    ) -> Result<PollTracker, TrackError> {
         let system = System::new().map_err(|err| TrackError::Poll(err.to_string()))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -76,6 +108,7 @@ impl PollTracker {
             shared,
             sampler: Some(sampler),
             interval,
+            task_rules: task_rules.unwrap_or_default(),
         })
     }
 
@@ -110,6 +143,44 @@ impl PollTracker {
 impl Backend for PollTracker {
     fn kind(&self) -> BackendKind {
         BackendKind::Poll
+    }
+
+    fn start_runner(&mut self, pid: u32, before_exec: bool) -> Result<bool, TrackError> {
+        if before_exec {
+            // Sampling a held child would measure tracer's own copy: start after its exec.
+            return Ok(false);
+        }
+        self.start(pid)?;
+        let mut state = self.state();
+        if let Some(tree) = state.trees.get_mut(&pid) {
+            tree.runner = Some(Runner {
+                root: pid,
+                marker: self.task_rules.marker.clone(),
+                tasks: HashMap::new(),
+                is_task_root: HashMap::new(),
+                finished: Vec::new(),
+            });
+        }
+        sample_trees(&mut state);
+        Ok(true)
+    }
+
+    fn finished_tasks(&mut self, timeout: Duration) -> Vec<TaskReport> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let finished: Vec<TaskReport> = self
+                .state()
+                .trees
+                .values_mut()
+                .filter_map(|tree| tree.runner.as_mut())
+                .flat_map(|runner| runner.finished.drain(..))
+                .collect();
+            let now = Instant::now();
+            if !finished.is_empty() || now >= deadline {
+                return finished;
+            }
+            std::thread::sleep(self.interval.min(deadline - now));
+        }
     }
 
     fn start(&mut self, pid: u32) -> Result<(), TrackError> {
@@ -203,7 +274,165 @@ fn sample_trees(state: &mut State) {
         tree.rss = rss;
         tree.peak = tree.peak.max(rss);
         tree.samples += 1;
+        sample_tasks(system, tree);
     }
+}
+
+/// Splits a runner's members into tasks and samples each apart; tasks whose processes are all gone
+/// are finished.
+fn sample_tasks(system: &System, tree: &mut PolledTree) {
+    let PolledTree {
+        members,
+        runner: Some(runner),
+        ..
+    } = tree
+    else {
+        return;
+    };
+    let mut task_rss: HashMap<u32, (u64, Option<u64>)> = HashMap::new();
+    for &pid in members.keys() {
+        // The nearest task root among the process and its ancestors in the tree.
+        let mut current = pid;
+        let task = loop {
+            if current == runner.root {
+                break None;
+            }
+            let Some(&current_start) = members.get(&current) else {
+                break None;
+            };
+            let root = *runner
+                .is_task_root
+                .entry((current, current_start))
+                .or_insert_with(|| starts_task(system, current, runner.root, &runner.marker));
+            if root {
+                break Some(current);
+            }
+            match parent_of(system, current) {
+                Some(parent) => current = parent,
+                None => break None,
+            }
+        };
+        let Some(task) = task else {
+            continue;
+        };
+        if !runner.tasks.contains_key(&task) {
+            let command = command_of(system, task);
+            let label = label_of(&environment_of(task), &command, &runner.marker)
+                .unwrap_or((format!("pid {task}"), LabelSource::ExecFilename));
+            let start = members.get(&task).copied().unwrap_or_default();
+            let polled = PolledTask {
+                start,
+                started: SystemTime::now(),
+                label,
+                command,
+                peak: 0,
+                largest_process_peak: None,
+                samples: 0,
+            };
+            runner.tasks.insert(task, polled);
+        }
+        let entry = task_rss.entry(task).or_default();
+        entry.0 += system
+            .process(Pid::from_u32(pid))
+            .map_or(0, |process| process.memory());
+        if let Some(peak) = hwm::process_peak(pid) {
+            entry.1 = Some(entry.1.unwrap_or(0).max(peak));
+        }
+    }
+    let mut ended = Vec::new();
+    for (&root, task) in runner.tasks.iter_mut() {
+        match task_rss.get(&root) {
+            Some(&(rss, largest)) => {
+                task.peak = task.peak.max(rss);
+                task.largest_process_peak = largest.max(task.largest_process_peak);
+                task.samples += 1;
+            }
+            None if members.get(&root) != Some(&task.start) => ended.push(root),
+            None => {}
+        }
+    }
+    for root in ended {
+        if let Some(task) = runner.tasks.remove(&root) {
+            runner.finished.push(task_report(root, task));
+        }
+    }
+}
+
+fn task_report(root: u32, task: PolledTask) -> TaskReport {
+    let sample = TreeSample {
+        peak_rss_bytes: task.peak.max(task.largest_process_peak.unwrap_or(0)),
+        largest_process_peak_bytes: task.largest_process_peak,
+        samples: Some(task.samples),
+        exact: false,
+        inexact_reasons: vec!["polling: spikes between samples are missed".into()],
+        ..TreeSample::default()
+    };
+    let duration = task.started.elapsed().unwrap_or_default();
+    let exit = (None, None); // only the task's parent learns it
+    TaskReport::new(
+        root,
+        task.label,
+        task.command,
+        task.started,
+        duration,
+        exit,
+        sample,
+        false,
+    )
+}
+
+/// A direct child of the runner, or the topmost process carrying the marker.
+fn starts_task(system: &System, pid: u32, runner: u32, marker: &str) -> bool {
+    let parent = parent_of(system, pid);
+    if parent == Some(runner) {
+        return true;
+    }
+    let has_marker = |pid: u32| environment_of(pid).iter().any(|(key, _)| key == marker);
+    has_marker(pid) && !parent.is_some_and(has_marker)
+}
+
+fn parent_of(system: &System, pid: u32) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = system;
+        crate::proc::parent_of(pid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        system
+            .process(Pid::from_u32(pid))?
+            .parent()
+            .map(|parent| parent.as_u32())
+    }
+}
+
+fn command_of(system: &System, pid: u32) -> Vec<String> {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = system;
+        crate::proc::cmdline(pid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let process = system.process(Pid::from_u32(pid));
+        process
+            .map(|process| {
+                process
+                    .cmd()
+                    .iter()
+                    .map(|arg| arg.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A process's environment where the OS lets us read it (`/proc/PID/environ`); elsewhere tasks are
+/// only the runner's direct children.
+fn environment_of(pid: u32) -> Vec<(String, String)> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|raw| parse_environment(&raw))
+        .unwrap_or_default()
 }
 
 /// When `pid` started, in the unit `update_members` compares (tells a pid's reuse apart).
