@@ -108,6 +108,7 @@ fn run_tasks(
 /// Set by SIGINT/SIGTERM while attached.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+#[cfg(unix)]
 extern "C" fn request_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
