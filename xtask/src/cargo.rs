@@ -104,7 +104,8 @@ pub fn test(extra_args: &[OsString]) -> Result<()> {
     node.current_dir(workspace_root().join("integrations/node"))
         .args(["--test", "test/"])
         .env("TRACER_BIN", target.join("tracer"))
-        .env("WORKLOAD_BIN", target.join("workload"));
+        .env("WORKLOAD_BIN", target.join("workload"))
+        .env("TRACER_NX_WORKSPACE", &nx_workspace);
 
     let mut steps = [
         ("format check", fmt),
