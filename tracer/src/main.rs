@@ -146,7 +146,14 @@ fn attach(
         sink.write("task", &task);
     }
     match tracker.stop_tracking(pid) {
-        Some(report) => finish(&report, &tracker, &mut sink, "attach"),
+        Some(mut report) => {
+            // The runner ran before the attach: its peak covers the time since.
+            report.exact = false;
+            report.inexact_reasons.push(
+                "attached_while_running: memory use before the attach is unknown".to_string(),
+            );
+            finish(&report, &tracker, &mut sink, "attach")
+        }
         None => eprintln!("tracer: error: {pid} was not tracked"),
     }
     tracker.detach_in_background();
