@@ -198,10 +198,16 @@ fn attach_to_make_reports_every_task_then_the_whole_tree() {
     assert!(
         stderr
             .lines()
-            .last()
-            .unwrap()
-            .starts_with("✔  make -s -j2 -f "),
+            .any(|line| line.starts_with("✔  make -s -j2 -f ")),
         "{stderr}"
+    );
+    // The runner ran before the attach: its report says what it cannot know.
+    assert_eq!(runner["exact"], false);
+    assert!(
+        runner["inexact_reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("attached_while_running")
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -468,10 +468,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
             // Seeded but never bound: its teardown will come from an untracked task and not be
             // seen, so take its seed out of its trees now.
             let seed = unsafe { *seed };
-            let mut negative = [0i64; NR_MEMBERS];
-            for member in 0..NR_MEMBERS {
-                negative[member] = -seed.members[member];
-            }
+            let negative = seed.members.map(|value| -value);
             add_to_tree_chain(tree_slot, &negative);
             let _ = SEEDS.remove(pid);
         }

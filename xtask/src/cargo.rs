@@ -92,6 +92,26 @@ pub fn test(extra_args: &[OsString]) -> Result<()> {
         .args(HOST_EXCLUDES)
         .args(extra_args)
         .env("TRACER_NX_WORKSPACE", &nx_workspace);
+    // The BPF programs, linted as what they are: a nightly build for the BPF target.
+    let mut bpf_clippy = Command::new("rustup");
+    bpf_clippy
+        .current_dir(workspace_root())
+        .env("PATH", cmd::path_with_prefix(&cmd::cargo_bin_dir()?)?)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "tracer-ebpf",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"])
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
+    // The stable toolchain of this xtask must not leak into the nightly one.
+    for key in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTFLAGS"] {
+        bpf_clippy.env_remove(key);
+    }
     // The library builds for macOS and Windows too (polling backend there).
     let mut cross = command()?;
     cross.args(["check", "--package", "tracer"]);
@@ -110,6 +130,7 @@ pub fn test(extra_args: &[OsString]) -> Result<()> {
     let mut steps = [
         ("format check", fmt),
         ("clippy", clippy),
+        ("clippy of the BPF programs", bpf_clippy),
         ("build binaries", bins),
         ("tests", tests),
         ("cross-platform check", cross),
