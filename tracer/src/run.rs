@@ -49,11 +49,25 @@ impl Exit {
 /// SIGINT, SIGTERM and SIGHUP sent to this process meanwhile are forwarded to the command (one
 /// command per process at a time).
 pub fn run(tracker: &mut MemoryTracker, command: &[OsString]) -> Result<PeakReport, RunError> {
-    let words: Vec<String> = command
+    let words = words_of(command);
+    let (pid, exit) = spawn_and_wait(tracker, command, words.clone())?;
+    final_report(tracker, pid, words, exit)
+}
+
+fn words_of(command: &[OsString]) -> Vec<String> {
+    command
         .iter()
         .map(|word| word.to_string_lossy().into_owned())
-        .collect();
-    let (pid, exit) = spawn_and_wait(tracker, command, words.clone())?;
+        .collect()
+}
+
+/// The tree's report with what only the parent knows: the command as given and how it ended.
+fn final_report(
+    tracker: &mut MemoryTracker,
+    pid: u32,
+    words: Vec<String>,
+    exit: Exit,
+) -> Result<PeakReport, RunError> {
     let mut report = tracker.stop_tracking(pid).ok_or(RunError::NotTracked)?;
     report.command = words;
     report.exit_code = Some(exit.status());
@@ -70,9 +84,22 @@ fn spawn_and_wait(
     command: &[OsString],
     words: Vec<String>,
 ) -> Result<(u32, Exit), RunError> {
+    let (pid, running) = spawn_tracked(tracker, command, words, false)?;
+    Ok((pid, running.wait()?))
+}
+
+/// Forks the command held before exec, registers it (as a runner if `runner`) where the backend can
+/// before the exec, else right after, and lets it run.
+#[cfg(target_os = "linux")]
+fn spawn_tracked(
+    tracker: &mut MemoryTracker,
+    command: &[OsString],
+    words: Vec<String>,
+    runner: bool,
+) -> Result<(u32, crate::spawn::RunningChild), RunError> {
     let held = crate::spawn::spawn_held(command)?;
     let pid = held.pid();
-    let before_exec = match tracker.start_tracking_before_exec(pid, words) {
+    let before_exec = match tracker.start_tracking_held(pid, words, runner) {
         Ok(registered) => registered,
         Err(err) => {
             held.abandon();
@@ -87,10 +114,12 @@ fn spawn_and_wait(
         }
     };
     if !before_exec {
-        tracker.start_tracking(pid)?;
+        match runner {
+            true => tracker.start_tracking_tasks(pid)?,
+            false => tracker.start_tracking(pid)?,
+        }
     }
-    let exit = running.wait()?;
-    Ok((pid, exit))
+    Ok((pid, running))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -133,7 +162,7 @@ fn spawn_and_wait(
 
 /// Like [`run`], with the command as a task runner: `on_task` gets each task's report as it ends
 /// (see [`crate::tasks`]); the returned report is the whole tree's. Needs a tracker made with
-/// [`TrackerOptions::tasks`](crate::TrackerOptions::tasks) on the eBPF backend.
+/// [`TrackerOptions::tasks`](crate::TrackerOptions::tasks).
 #[cfg(target_os = "linux")]
 pub fn run_with_tasks(
     tracker: &mut MemoryTracker,
@@ -141,29 +170,8 @@ pub fn run_with_tasks(
     mut on_task: impl FnMut(crate::tasks::TaskReport),
 ) -> Result<PeakReport, RunError> {
     use std::{sync::mpsc, time::Duration};
-    let words: Vec<String> = command
-        .iter()
-        .map(|word| word.to_string_lossy().into_owned())
-        .collect();
-    let held = crate::spawn::spawn_held(command)?;
-    let pid = held.pid();
-    let before_exec = match tracker.start_tracking_tasks_before_exec(pid, words.clone()) {
-        Ok(registered) => registered,
-        Err(err) => {
-            held.abandon();
-            return Err(err.into());
-        }
-    };
-    let running = match held.release(&command[0]) {
-        Ok(running) => running,
-        Err(err) => {
-            tracker.stop_tracking(pid);
-            return Err(err.into());
-        }
-    };
-    if !before_exec {
-        tracker.start_tracking_tasks(pid)?;
-    }
+    let words = words_of(command);
+    let (pid, running) = spawn_tracked(tracker, command, words.clone(), true)?;
     // The command is waited for on its own thread while this one reports tasks as they end.
     let (exited, exit) = mpsc::channel();
     std::thread::spawn(move || {
@@ -190,12 +198,5 @@ pub fn run_with_tasks(
         .finished_tasks(Duration::from_millis(20))
         .into_iter()
         .for_each(&mut on_task);
-    let mut report = tracker.stop_tracking(pid).ok_or(RunError::NotTracked)?;
-    report.command = words;
-    report.exit_code = Some(exit.status());
-    report.signal = match exit {
-        Exit::Signal(signal) => Some(signal),
-        Exit::Code(_) => None,
-    };
-    Ok(report)
+    final_report(tracker, pid, words, exit)
 }

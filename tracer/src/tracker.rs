@@ -124,11 +124,19 @@ impl MemoryTracker {
 
     /// Starts tracking `pid` and its whole tree from now on.
     pub fn start_tracking(&mut self, pid: u32) -> Result<(), TrackError> {
+        self.start_running(pid, false)
+    }
+
+    /// Starts tracking a running process, as a task runner if `runner`.
+    fn start_running(&mut self, pid: u32, runner: bool) -> Result<(), TrackError> {
         if self.started.contains_key(&pid) {
             return Err(TrackError::AlreadyTracked(pid));
         }
-        let command = process_command(pid);
-        self.backend.start(pid)?;
+        let command = crate::backend::command_line(pid);
+        match runner {
+            true => self.backend.start_runner(pid, false).map(drop)?,
+            false => self.backend.start(pid)?,
+        }
         self.started.insert(
             pid,
             Started {
@@ -139,16 +147,20 @@ impl MemoryTracker {
         Ok(())
     }
 
-    /// Starts tracking a forked child before it calls `execve`, where the backend can (eBPF); returns
-    /// `false` when it cannot, and the caller must call [`MemoryTracker::start_tracking`] after the
-    /// exec instead.
+    /// Starts tracking a forked child before it calls `execve` (as a task runner if `runner`), where
+    /// the backend can (eBPF); returns `false` when it cannot, and the caller must start tracking
+    /// after the exec instead.
     #[cfg(target_os = "linux")]
-    pub(crate) fn start_tracking_before_exec(
+    pub(crate) fn start_tracking_held(
         &mut self,
         pid: u32,
         command: Vec<String>,
+        runner: bool,
     ) -> Result<bool, TrackError> {
-        let registered = self.backend.start_before_exec(pid)?;
+        let registered = match runner {
+            true => self.backend.start_runner(pid, true)?,
+            false => self.backend.start_before_exec(pid)?,
+        };
         if registered {
             self.started.insert(
                 pid,
@@ -167,40 +179,7 @@ impl MemoryTracker {
     /// (their use before now is unknown: their reports say so). Needs the eBPF backend and
     /// [`TrackerOptions::tasks`].
     pub fn start_tracking_tasks(&mut self, pid: u32) -> Result<(), TrackError> {
-        if self.started.contains_key(&pid) {
-            return Err(TrackError::AlreadyTracked(pid));
-        }
-        let command = process_command(pid);
-        self.backend.start_runner(pid, false)?;
-        self.started.insert(
-            pid,
-            Started {
-                at: Instant::now(),
-                command,
-            },
-        );
-        Ok(())
-    }
-
-    /// Like `start_tracking_before_exec`, as a task runner: `false` when the caller must call
-    /// [`MemoryTracker::start_tracking_tasks`] after the exec instead.
-    #[cfg(target_os = "linux")]
-    pub(crate) fn start_tracking_tasks_before_exec(
-        &mut self,
-        pid: u32,
-        command: Vec<String>,
-    ) -> Result<bool, TrackError> {
-        let registered = self.backend.start_runner(pid, true)?;
-        if registered {
-            self.started.insert(
-                pid,
-                Started {
-                    at: Instant::now(),
-                    command,
-                },
-            );
-        }
-        Ok(registered)
+        self.start_running(pid, true)
     }
 
     /// Tasks of tracked runners that have ended since the last call, waiting up to `timeout` for one.
@@ -265,36 +244,6 @@ fn load_ebpf(tasks: Option<TaskRules>) -> Result<Box<dyn Backend>, LoadError> {
 #[cfg(not(target_os = "linux"))]
 fn load_ebpf(_tasks: Option<TaskRules>) -> Result<Box<dyn Backend>, LoadError> {
     Err(LoadError::NotLinux)
-}
-
-fn process_command(pid: u32) -> Vec<String> {
-    #[cfg(target_os = "linux")]
-    {
-        crate::proc::cmdline(pid)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let mut system = match sysinfo::System::new() {
-            Ok(system) => system,
-            Err(_) => return Vec::new(),
-        };
-        let pid = sysinfo::Pid::from_u32(pid);
-        system.refresh_processes_specifics(
-            sysinfo::ProcessesToUpdate::Some(&[pid]),
-            true,
-            sysinfo::ProcessRefreshKind::nothing().with_cmd(sysinfo::UpdateKind::Always),
-        );
-        system
-            .process(pid)
-            .map(|process| {
-                process
-                    .cmd()
-                    .iter()
-                    .map(|arg| arg.to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 /// The OS release for reports: `uname -r` on Unix, sysinfo's OS version elsewhere.

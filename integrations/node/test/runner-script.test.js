@@ -7,31 +7,18 @@
 const { test, before, after } = require('node:test');
 const assert = require('node:assert');
 const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const os = require('node:os');
 const path = require('node:path');
 const { MemoryTracker } = require('..');
+const { workloadBin, startServer, tolerance } = require('../test-support/helpers');
 
-const root = path.resolve(__dirname, '../../..');
-const tracerBin = process.env.TRACER_BIN || path.join(root, 'target/debug/tracer');
-const workloadBin = process.env.WORKLOAD_BIN || path.join(root, 'target/debug/workload');
 const workspace = process.env.TRACER_NX_WORKSPACE;
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tracer-node-runner-'));
-const socketPath = path.join(dir, 'tracer.sock');
 let server;
 
 before(async () => {
-  server = spawn(tracerBin, ['serve', '--socket', socketPath], { stdio: ['ignore', 'inherit', 'inherit'] });
-  for (let waited = 0; !fs.existsSync(socketPath); waited += 50) {
-    if (waited > 10000) throw new Error('tracer serve did not create its socket');
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
+  server = await startServer();
 });
 
-after(() => {
-  server.kill('SIGTERM');
-  fs.rmSync(dir, { recursive: true, force: true });
-});
+after(() => server.stop());
 
 function runBuild(tracker, project) {
   const child = spawn('npm', ['run', '--silent', 'build'], {
@@ -53,11 +40,10 @@ function runBuild(tracker, project) {
 }
 
 test('a Node.js runner gets each task peak from the client', { skip: !workspace && 'TRACER_NX_WORKSPACE not set' }, async () => {
-  const tracker = new MemoryTracker(socketPath);
+  const tracker = new MemoryTracker(server.socketPath);
   const results = await Promise.all(['alpha', 'beta', 'gamma'].map((project) => runBuild(tracker, project)));
   for (const { project, peak, oracle } of results) {
-    const tolerance = Math.max(oracle / 100, 1 << 20);
-    assert.ok(Math.abs(peak - oracle) <= tolerance, `${project}: client peak ${peak} vs oracle ${oracle}`);
+    assert.ok(Math.abs(peak - oracle) <= tolerance(oracle), `${project}: client peak ${peak} vs oracle ${oracle}`);
   }
   tracker.close();
 });

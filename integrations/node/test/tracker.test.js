@@ -4,30 +4,18 @@
 const { test, before, after } = require('node:test');
 const assert = require('node:assert');
 const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
 const { MemoryTracker, TracerError } = require('..');
+const { workloadBin, startServer, tolerance } = require('../test-support/helpers');
 
-const root = path.resolve(__dirname, '../../..');
-const tracerBin = process.env.TRACER_BIN || path.join(root, 'target/debug/tracer');
-const workloadBin = process.env.WORKLOAD_BIN || path.join(root, 'target/debug/workload');
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tracer-node-'));
-const socketPath = path.join(dir, 'tracer.sock');
 let server;
+let socketPath;
 
 before(async () => {
-  server = spawn(tracerBin, ['serve', '--socket', socketPath], { stdio: ['ignore', 'inherit', 'inherit'] });
-  for (let waited = 0; !fs.existsSync(socketPath); waited += 50) {
-    if (waited > 10000) throw new Error('tracer serve did not create its socket');
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
+  server = await startServer();
+  socketPath = server.socketPath;
 });
 
-after(() => {
-  server.kill('SIGTERM');
-  fs.rmSync(dir, { recursive: true, force: true });
-});
+after(() => server.stop());
 
 /** Starts the workload holding `mib` MiB; resolves its pid, and (later) its exit and oracle. */
 function startWorkload(mib, holdMs) {
@@ -40,10 +28,8 @@ function startWorkload(mib, holdMs) {
   return { pid: child.pid, done };
 }
 
-/** max(1%, 1 MiB), as in the Rust tests: the workload's VmRSS at its barrier is the truth. */
 function assertNear(peak, oracle) {
-  const tolerance = Math.max(oracle / 100, 1 << 20);
-  assert.ok(Math.abs(peak - oracle) <= tolerance, `peak ${peak} vs oracle ${oracle} (tolerance ${tolerance})`);
+  assert.ok(Math.abs(peak - oracle) <= tolerance(oracle), `peak ${peak} vs oracle ${oracle}`);
 }
 
 test('startTracking / stopTracking gives the peak of the tree', async () => {

@@ -8,6 +8,34 @@ pub mod poll;
 
 use crate::{error::TrackError, report::TreeSample};
 
+/// A process's command line, as its words (empty if it is gone).
+pub(crate) fn command_line(pid: u32) -> Vec<String> {
+    #[cfg(target_os = "linux")]
+    {
+        crate::proc::cmdline(pid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let Ok(mut system) = sysinfo::System::new() else {
+            return Vec::new();
+        };
+        let pid = sysinfo::Pid::from_u32(pid);
+        system.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&[pid]),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_cmd(sysinfo::UpdateKind::Always),
+        );
+        let words = system
+            .process(pid)
+            .map(|process| process.cmd().to_vec())
+            .unwrap_or_default();
+        words
+            .iter()
+            .map(|word| word.to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
 /// Which backend measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {

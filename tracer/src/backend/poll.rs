@@ -316,7 +316,7 @@ fn sample_tasks(system: &System, tree: &mut PolledTree) {
             continue;
         };
         if !runner.tasks.contains_key(&task) {
-            let command = command_of(system, task);
+            let command = super::command_line(task);
             let label = label_of(&environment_of(task), &command, &runner.marker)
                 .unwrap_or((format!("pid {task}"), LabelSource::ExecFilename));
             let start = members.get(&task).copied().unwrap_or_default();
@@ -403,27 +403,6 @@ fn parent_of(system: &System, pid: u32) -> Option<u32> {
             .process(Pid::from_u32(pid))?
             .parent()
             .map(|parent| parent.as_u32())
-    }
-}
-
-fn command_of(system: &System, pid: u32) -> Vec<String> {
-    #[cfg(target_os = "linux")]
-    {
-        let _ = system;
-        crate::proc::cmdline(pid)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let process = system.process(Pid::from_u32(pid));
-        process
-            .map(|process| {
-                process
-                    .cmd()
-                    .iter()
-                    .map(|arg| arg.to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 }
 
