@@ -53,8 +53,10 @@ pub const TASK_ANNOUNCE_AT_EXEC: u32 = 1 << 2;
 
 /// `TreeState::parent` of a tree nested in none.
 pub const NO_PARENT: u32 = u32::MAX;
-/// Trees nest at most this deep (runner > task > task started by a marker inside it > ...).
-pub const MAX_TREE_DEPTH: usize = 4;
+/// Ancestors a tree can have: a runner's direct-child task, and a marker task inside one (marker
+/// tasks never nest in marker tasks, and only a runner's own children start child tasks). Kept tight:
+/// the verifier walks the ancestor loop of the `rss_stat` program once per level.
+pub const MAX_TREE_DEPTH: usize = 2;
 
 /// `TreeState::kind`.
 pub const TREE_PLAIN: u32 = 0;

@@ -12,10 +12,10 @@ use core::ptr::read_volatile;
 use tracer_common::{
     Counter, EVENT_TASK_ENDED, EVENT_TASK_STARTED, EVENTS_BYTES, EXIT_CODE_KNOWN,
     EXIT_SIGNAL_KNOWN, MARKER_BYTES, MARKER_WORDS, MAX_ENV_ENTRIES, MAX_MMS, MAX_SEEDS, MAX_TASKS,
-    MAX_TREE_DEPTH, MAX_TREES, MmState, NO_PARENT, NR_COUNTERS, NR_MEMBERS, Outcome, Seed,
-    TASK_ANNOUNCE_AT_EXEC, TASK_CHILD_OF_RUNNER, TASK_PENDING_EXEC, TREE_CHILD_TASK,
-    TREE_MARKER_TASK, TREE_RUNNER, TaskEvent, TaskState, TreeState, apply_rss_event, apply_to_tree,
-    atomic,
+    MAX_TREE_DEPTH, MAX_TREES, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MmState, NO_PARENT,
+    NR_COUNTERS, NR_MEMBERS, Outcome, Seed, TASK_ANNOUNCE_AT_EXEC, TASK_CHILD_OF_RUNNER,
+    TASK_PENDING_EXEC, TREE_CHILD_TASK, TREE_MARKER_TASK, TREE_RUNNER, TaskEvent, TaskState,
+    TreeState, apply_rss_event, apply_to_tree, atomic,
     format::{RSS_STAT_CURR, RSS_STAT_MEMBER, RSS_STAT_MM_ID, RSS_STAT_SIZE},
 };
 
@@ -65,6 +65,9 @@ static EXIT_PID_OFFSET: u32 = 0;
 static EXECVE_ENVP_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static EXECVEAT_ENVP_OFFSET: u32 = 0;
+/// The tracepoint id of `syscalls:sys_enter_execveat` (`common_type` of its records).
+#[unsafe(no_mangle)]
+static EXECVEAT_EVENT_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static EXIT_GROUP_CODE_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
@@ -235,21 +238,24 @@ fn note_outcome(outcome: Outcome, mm_id: u32) {
     }
 }
 
-/// Adds `members` (may be negative) to a tree and every tree it nests in.
+/// Takes `members` out of a tree and every tree it nests in (a removal never raises a peak, so no
+/// peak update: that keeps the exit program small for the verifier).
 #[inline(always)]
-fn add_to_tree_chain(slot: u32, members: &[i64; NR_MEMBERS]) {
+fn subtract_from_tree_chain(slot: u32, members: &[i64; NR_MEMBERS]) {
+    let rss = members[MM_FILEPAGES] + members[MM_ANONPAGES] + members[MM_SHMEMPAGES];
     let mut slot = slot;
     for _ in 0..=MAX_TREE_DEPTH {
-        if slot == NO_PARENT {
-            break;
-        }
         let Some(tree) = TREES.get_ptr_mut(slot) else {
             break;
         };
-        for (member, &delta) in members.iter().enumerate() {
-            unsafe { apply_to_tree(tree, member, delta) };
+        for (member, &value) in members.iter().enumerate() {
+            unsafe { atomic::add(&raw mut (*tree).members[member], -value) };
         }
+        unsafe { atomic::add(&raw mut (*tree).rss, -rss) };
         slot = unsafe { (*tree).parent };
+        if slot == NO_PARENT {
+            break;
+        }
     }
 }
 
@@ -289,17 +295,17 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Attached to both `sys_enter_execve` and `sys_enter_execveat`, whose records put `envp` at
+/// different offsets: the record's event id tells which (one program, verified once).
 #[tracepoint]
 pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    if let Some(envp) = field::<u64>(&ctx, &EXECVE_ENVP_OFFSET) {
-        on_execve(envp);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    if let Some(envp) = field::<u64>(&ctx, &EXECVEAT_ENVP_OFFSET) {
+    let event = unsafe { ctx.read_at::<u16>(0) }.unwrap_or(0);
+    let envp_offset = if u32::from(event) == unsafe { read_volatile(&EXECVEAT_EVENT_ID) } {
+        &EXECVEAT_ENVP_OFFSET
+    } else {
+        &EXECVE_ENVP_OFFSET
+    };
+    if let Some(envp) = field::<u64>(&ctx, envp_offset) {
         on_execve(envp);
     }
     0
@@ -468,8 +474,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
             // Seeded but never bound: its teardown will come from an untracked task and not be
             // seen, so take its seed out of its trees now.
             let seed = unsafe { *seed };
-            let negative = seed.members.map(|value| -value);
-            add_to_tree_chain(tree_slot, &negative);
+            subtract_from_tree_chain(tree_slot, &seed.members);
             let _ = SEEDS.remove(pid);
         }
     }

@@ -9,10 +9,11 @@ use std::{collections::HashMap, fs, path::PathBuf};
 /// Where tracefs is usually found.
 const TRACEFS_DIRS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
-/// A parsed `format` file: field name → (offset, size).
+/// A parsed `format` file: field name → (offset, size), and the event's id.
 #[derive(Debug, Clone)]
 pub struct Format {
     event: String,
+    id: usize,
     fields: HashMap<String, (usize, usize)>,
 }
 
@@ -42,10 +43,21 @@ impl Format {
             let name = name.split('[').next().unwrap_or_default();
             fields.insert(name.to_string(), (offset, size));
         }
+        let id = text
+            .lines()
+            .find_map(|line| line.strip_prefix("ID:"))
+            .and_then(|id| id.trim().parse().ok())
+            .unwrap_or(0);
         Format {
             event: event.to_string(),
+            id,
             fields,
         }
+    }
+
+    /// The event's id (`common_type` of its records).
+    pub fn id(&self) -> usize {
+        self.id
     }
 
     /// Offset of `field`, checking it has the expected size.
@@ -127,6 +139,7 @@ format:
         assert_eq!(format.offset("parent_pid", 4).unwrap(), 12);
         assert_eq!(format.offset("child_pid", 4).unwrap(), 20);
         assert_eq!(format.offset("parent_comm", 4).unwrap(), 8);
+        assert_eq!(format.id(), 366);
     }
 
     #[test]

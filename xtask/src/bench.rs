@@ -6,6 +6,8 @@
 //! of per-repetition ratios. The Markdown report goes to stdout and to
 //! `target/bench/results.md`; progress goes to stderr. docs/BENCHMARKS.md explains each number.
 
+mod accuracy;
+mod bpf_stats;
 mod faults;
 mod machine;
 mod memory;
@@ -43,6 +45,8 @@ enum Bench {
     Memory,
     /// (d) a real cargo build, traced against untraced.
     Build,
+    /// (e) each backend's peak against the truth, (f) the poller's own CPU time.
+    Accuracy,
 }
 
 /// Repetition counts (measured repetitions; warm-ups come on top).
@@ -52,6 +56,7 @@ struct Plan {
     memory: usize,
     /// `None`: skipped.
     build: Option<usize>,
+    accuracy: usize,
 }
 
 impl Plan {
@@ -63,13 +68,15 @@ impl Plan {
                 startup: 10,
                 memory: 1,
                 build: build_asked.then_some(1),
+                accuracy: 1,
             }
         } else {
             Plan {
-                faults: 9,
+                faults: 15,
                 startup: 40,
                 memory: 3,
                 build: Some(3),
+                accuracy: 3,
             }
         }
     }
@@ -106,8 +113,11 @@ pub fn run(options: &Options) -> Result<()> {
         .with_context(|| format!("creating {}", bench_dir.display()))?;
 
     let mut sections = Vec::new();
+    let mut fault_cost_ns = None;
     if selected(Bench::Faults) {
-        sections.push(faults::run(&bins, plan.faults)?);
+        let (section, cost) = faults::run(&bins, plan.faults)?;
+        sections.push(section);
+        fault_cost_ns = Some(cost);
     }
     if selected(Bench::Startup) {
         sections.push(startup::run(&bins, plan.startup)?);
@@ -117,9 +127,13 @@ pub fn run(options: &Options) -> Result<()> {
     }
     if selected(Bench::Build) {
         sections.push(match plan.build {
-            Some(reps) => realbuild::run(&bins, &bench_dir.join("realbuild"), reps)?,
+            Some(reps) => realbuild::run(&bins, &bench_dir.join("realbuild"), reps, fault_cost_ns)?,
             None => realbuild::skipped_section(),
         });
+    }
+
+    if selected(Bench::Accuracy) {
+        sections.push(accuracy::run(&bins, &bench_dir, plan.accuracy)?);
     }
 
     let mut report = machine::header(options.quick, started.elapsed(), &cpu_at_start)?;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 
+use super::bpf_stats::{BpfStatsEnabled, ProgramStats};
 use super::process::{self, BackgroundTracer, Bins};
 use super::stats::{self, Summary, Table};
 
@@ -73,103 +74,34 @@ fn parse_faults(stdout: &str) -> Result<Faults> {
     })
 }
 
-/// Runs and run time of one BPF program, from tracer's `--bpf-stats` lines on stderr:
-/// `tracer: bpf-stats: rss_stat runs=131622 run_time_ns=20379042 ns_per_run=154.8 missed=0`.
-#[derive(Debug, PartialEq, Eq)]
-struct ProgramStats {
-    runs: u64,
-    run_time_ns: u64,
-    /// Events the kernel did not run the program for (recursion protection), when tracer says.
-    missed: Option<u64>,
-}
-
-fn parse_program_stats(stderr: &str, program: &str) -> Result<ProgramStats> {
-    let line = stderr
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("tracer: bpf-stats: ")?
-                .strip_prefix(program)?
-                .strip_prefix(' ')
-        })
-        .with_context(|| {
-            format!("no `bpf-stats: {program}` line in tracer's stderr: {stderr:?}")
-        })?;
-    let field = |key: &str| -> Result<Option<u64>> {
-        line.split_whitespace()
-            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
-            .map(|value| value.parse())
-            .transpose()
-            .with_context(|| format!("bad {key}= in {line:?}"))
-    };
-    let required = |key: &str| field(key)?.with_context(|| format!("no {key}= in {line:?}"));
-    Ok(ProgramStats {
-        runs: required("runs")?,
-        run_time_ns: required("run_time_ns")?,
-        missed: field("missed")?,
-    })
-}
-
-const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// `kernel.bpf_stats_enabled=1` until dropped, then the previous value again (on errors too).
-struct BpfStatsEnabled {
-    previous: String,
-}
-
-impl BpfStatsEnabled {
-    fn enable() -> Result<BpfStatsEnabled> {
-        let previous = std::fs::read_to_string(BPF_STATS_SYSCTL)
-            .with_context(|| format!("reading {BPF_STATS_SYSCTL}"))?
-            .trim()
-            .to_string();
-        std::fs::write(BPF_STATS_SYSCTL, "1")
-            .with_context(|| format!("writing 1 to {BPF_STATS_SYSCTL}"))?;
-        eprintln!("xtask: bench: kernel.bpf_stats_enabled = 1 (was {previous})");
-        Ok(BpfStatsEnabled { previous })
-    }
-}
-
-impl Drop for BpfStatsEnabled {
-    fn drop(&mut self) {
-        match std::fs::write(BPF_STATS_SYSCTL, &self.previous) {
-            Ok(()) => eprintln!(
-                "xtask: bench: kernel.bpf_stats_enabled = {} (restored)",
-                self.previous
-            ),
-            Err(err) => eprintln!(
-                "xtask: bench: warning: could not restore kernel.bpf_stats_enabled to {}: {err}",
-                self.previous
-            ),
-        }
-    }
-}
-
 /// One stats run: the `rss_stat` program's numbers for `variant`.
 fn program_stats(bins: &Bins, variant: Variant) -> Result<ProgramStats> {
     let (_, stderr) = run_once(bins, variant, &["--bpf-stats"])?;
-    let stats = parse_program_stats(&stderr, "rss_stat")?;
+    let stats = ProgramStats::parse(&stderr, "rss_stat")?;
     if stats.runs == 0 {
         bail!("tracer's rss_stat program counted no runs: are BPF stats enabled?");
     }
     Ok(stats)
 }
 
-pub fn run(bins: &Bins, reps: usize) -> Result<String> {
+/// The Markdown section, and the tracked variant's extra time per page fault in ns (each fault
+/// is one `rss_stat` event), for estimates elsewhere.
+pub fn run(bins: &Bins, reps: usize) -> Result<(String, f64)> {
     let mut pages = 0;
-    let series = stats::interleaved(
+    let runs = stats::interleaved(
         "faults",
         &VARIANTS,
         WARMUPS,
         reps,
         true,
-        |ns| stats::seconds(ns / 1e9),
+        |ns: &f64| stats::seconds(ns / 1e9),
         |variant| {
             let (faults, _) = run_once(bins, variant, &[])?;
             pages = faults.pages;
             Ok(faults.elapsed_ns)
         },
     )?;
-    let [none, untracked, tracked] = [&series[0], &series[1], &series[2]];
+    let [none, untracked, tracked] = [&runs.series[0], &runs.series[1], &runs.series[2]];
 
     let (untracked_stats, tracked_stats) = {
         let _enabled = BpfStatsEnabled::enable()?;
@@ -240,19 +172,19 @@ pub fn run(bins: &Bins, reps: usize) -> Result<String> {
             name.to_string(),
             stats::count(program.runs),
             format!("{:.3}", program.runs as f64 / pages as f64),
-            format!("{:.1}", program.run_time_ns as f64 / program.runs as f64),
+            format!("{:.1}", program.ns_per_run()),
             program.missed.map_or("—".to_string(), stats::count),
             stats::millis(program.run_time_ns as f64 / 1e9),
             share,
         ]);
     }
 
-    Ok(format!(
+    let section = format!(
         "### (a) Page-fault-heavy workload\n\n\
          `workload {args}`: three times, map 2 GiB of private anonymous memory (no huge pages), \
          write one byte per 4 KiB page, unmap: {pages} page faults, each one `kmem:rss_stat` event. \
          Time: the workload's own clock around the rounds (process start-up excluded). \
-         N = {reps} interleaved repetitions after {WARMUPS} warm-up.\n\n\
+         N = {reps} interleaved repetitions{discarded} after {WARMUPS} warm-up.\n\n\
          {times}\n\
          Slowdown: median of the per-repetition ratios to `none`; extra time per page: median of the \
          per-repetition differences to `none`, divided by the page count.\n\n\
@@ -266,41 +198,16 @@ pub fn run(bins: &Bins, reps: usize) -> Result<String> {
          `kmem:rss_stat`.\n",
         args = WORKLOAD_ARGS.join(" "),
         pages = stats::count(pages),
+        discarded = runs.discarded_note(),
         times = times.markdown(),
         programs = programs.markdown(),
-    ))
+    );
+    Ok((section, extra_ns(tracked) / pages as f64))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn program_stats_lines() {
-        let stderr = "✔  workload faults (4.1s) (peak: 2.2GB)\n\
-                      tracer: bpf-stats: rss_stat runs=131622 run_time_ns=20379042 ns_per_run=154.8\n\
-                      tracer: bpf-stats: sched_process_fork runs=5 run_time_ns=4036 ns_per_run=807.2\n";
-        assert_eq!(
-            parse_program_stats(stderr, "rss_stat").unwrap(),
-            ProgramStats {
-                runs: 131_622,
-                run_time_ns: 20_379_042,
-                missed: None,
-            }
-        );
-        let newer = "tracer: bpf-stats: rss_stat runs=7 run_time_ns=70 ns_per_run=10.0 missed=2\n";
-        assert_eq!(
-            parse_program_stats(newer, "rss_stat").unwrap().missed,
-            Some(2)
-        );
-        assert_eq!(
-            parse_program_stats(stderr, "sched_process_fork")
-                .unwrap()
-                .runs,
-            5
-        );
-        assert!(parse_program_stats(stderr, "sched_process_exec").is_err());
-    }
 
     #[test]
     fn faults_line() {

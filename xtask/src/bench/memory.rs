@@ -41,8 +41,8 @@ fn parse_vmhwm(stdout: &str) -> Result<u64> {
 
 pub fn run(bins: &Bins, scratch: &Path, reps: usize) -> Result<String> {
     let report = scratch.join("memory-busy.json");
-    let mut tree_peaks = Vec::new();
-    let series = stats::interleaved(
+    // Per run: tracer's peak RSS, and for `Busy` the tree's peak as tracer reported it.
+    let runs = stats::interleaved(
         "memory",
         &[
             (Probe::Idle, "idle"),
@@ -52,33 +52,32 @@ pub fn run(bins: &Bins, scratch: &Path, reps: usize) -> Result<String> {
         0,
         reps,
         false,
-        stats::mib,
+        |(bytes, _): &(f64, f64)| stats::mib(*bytes),
         |probe| {
-            let bytes = match probe {
+            let (bytes, tree_peak) = match probe {
                 Probe::Idle => {
                     let mut cmd = bins.tracer_run::<&str>([]);
                     cmd.args(["sh", "-c", IDLE_SCRIPT]);
-                    vmhwm_of(&mut cmd)?
+                    (vmhwm_of(&mut cmd)?, 0)
                 }
                 Probe::Busy => {
                     let mut cmd = bins.tracer_run([Path::new("--json"), &report]);
                     cmd.args(["sh", "-c", BUSY_SCRIPT]).arg(&bins.workload);
                     let bytes = vmhwm_of(&mut cmd)?;
-                    tree_peaks.push(process::read_report(&report)?.peak_rss_bytes as f64);
-                    bytes
+                    (bytes, process::read_report(&report)?.peak_rss_bytes)
                 }
                 Probe::Lifetime => {
                     let mut cmd = bins.tracer_run::<&str>([]);
                     cmd.arg("true").stdout(Stdio::null()).stderr(Stdio::null());
-                    process::measure_ok(&mut cmd)?.max_rss
+                    (process::measure_ok(&mut cmd)?.max_rss, 0)
                 }
             };
             process::reap_orphans()?;
-            Ok(bytes as f64)
+            Ok((bytes as f64, tree_peak as f64))
         },
     )?;
 
-    let busy_tree_peak = stats::mib(Summary::of(&tree_peaks).median);
+    let busy_tree_peak = stats::mib(Summary::of(&runs.column(1, |run| run.1)).median);
     let mut table = Table::new(&["what", "min", "median", "max"]);
     let rows = [
         "`VmHWM` of tracer while it tracks `sleep 0.3` (read by the command from \
@@ -93,8 +92,8 @@ pub fn run(bins: &Bins, scratch: &Path, reps: usize) -> Result<String> {
             .to_string(),
     ];
     let mut largest: f64 = 0.0;
-    for (name, series) in rows.into_iter().zip(&series) {
-        let summary = Summary::of(series);
+    for (index, name) in rows.into_iter().enumerate() {
+        let summary = Summary::of(&runs.column(index, |run| run.0));
         largest = largest.max(summary.max);
         let [min, median, max] = summary.cells(stats::mib);
         table.row([name, min, median, max]);

@@ -2,14 +2,15 @@
 //! program that depends on tokio, serde, serde_json, regex and clap, from a fresh target dir.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use super::process::{self, Bins, Measured};
+use super::bpf_stats::{BpfStatsEnabled, ProgramStats};
+use super::process::{self, Bins, Report};
 use super::stats::{self, Summary, Table};
 use crate::cmd;
 
@@ -75,7 +76,16 @@ pub fn skipped_section() -> String {
         .to_string()
 }
 
-pub fn run(bins: &Bins, dir: &Path, reps: usize) -> Result<String> {
+/// One measured build.
+struct Build {
+    wall: f64,
+    cpu: f64,
+    /// Traced builds: tracer's report.
+    report: Option<Report>,
+}
+
+/// `fault_cost_ns`: what tracking added per `rss_stat` event in the fault benchmark, if it ran.
+pub fn run(bins: &Bins, dir: &Path, reps: usize, fault_cost_ns: Option<f64>) -> Result<String> {
     std::fs::create_dir_all(dir.join("src"))
         .with_context(|| format!("creating {}", dir.display()))?;
     for (path, text) in [("Cargo.toml", MANIFEST), ("src/main.rs", MAIN_RS)] {
@@ -85,6 +95,7 @@ pub fn run(bins: &Bins, dir: &Path, reps: usize) -> Result<String> {
     let cargo = cargo_program()?;
     let log = dir.join("build.log");
     let report = dir.join("tracer-report.json");
+    let traced_flags = [OsStr::new("--json"), report.as_os_str()];
 
     eprintln!("xtask: bench: build: cargo fetch in {}", dir.display());
     let mut fetch = Command::new(&cargo);
@@ -95,54 +106,54 @@ pub fn run(bins: &Bins, dir: &Path, reps: usize) -> Result<String> {
         .stdout(Stdio::null());
     cmd::run(&mut fetch)?;
 
-    eprintln!("xtask: bench: build: warm-up build (untraced, not timed)");
-    build(bins, &cargo, dir, &log, None)?;
+    eprintln!("xtask: bench: build: warm-up build (traced with --bpf-stats, not timed)");
+    let (warmup, program) = {
+        let _enabled = BpfStatsEnabled::enable()?;
+        let flags = [OsStr::new("--bpf-stats")].into_iter().chain(traced_flags);
+        let warmup = build(
+            bins,
+            &cargo,
+            dir,
+            &log,
+            Some(&flags.collect::<Vec<_>>()),
+            &report,
+        )?;
+        let tracer_output =
+            std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        (warmup, ProgramStats::parse(&tracer_output, "rss_stat")?)
+    };
     let sources = Sources::scan(&dir.join("target"))?;
 
-    let mut peaks = Vec::new();
-    let mut all_exact = true;
-    // CPU time per variant ([untraced, traced]), in repetition order like the wall times.
-    let mut cpu: [Vec<f64>; 2] = Default::default();
-    let series = stats::interleaved(
+    let runs = stats::interleaved(
         "build",
         &[(false, "untraced"), (true, "traced")],
         0,
         reps,
         true,
-        stats::seconds,
+        |build: &Build| stats::seconds(build.wall),
         |traced| {
-            let measured = build(bins, &cargo, dir, &log, traced.then_some(report.as_path()))?;
-            cpu[usize::from(traced)].push(measured.cpu.as_secs_f64());
-            if traced {
-                let report = process::read_report(&report)?;
-                peaks.push(report.peak_rss_bytes as f64);
-                all_exact &= report.exact;
-            }
-            Ok(measured.wall.as_secs_f64())
+            let flags = traced.then_some(&traced_flags[..]);
+            build(bins, &cargo, dir, &log, flags, &report)
         },
     )?;
-    let ratios = |traced: &[f64], untraced: &[f64]| {
-        Summary::of(&stats::paired(traced, untraced, |t, u| t / u))
-    };
-    let wall_ratio = ratios(&series[1], &series[0]);
-    let cpu_ratio = ratios(&cpu[1], &cpu[0]);
+    let wall = [runs.column(0, |b| b.wall), runs.column(1, |b| b.wall)];
+    let cpu = [runs.column(0, |b| b.cpu), runs.column(1, |b| b.cpu)];
+    let ratios =
+        |series: &[Vec<f64>; 2]| Summary::of(&stats::paired(&series[1], &series[0], |t, u| t / u));
+    let wall_ratio = ratios(&wall);
+    let cpu_ratio = ratios(&cpu);
 
     let mut table = Table::new(&["variant", "min", "median", "max", "vs untraced"]);
     let command = format!("cargo {}", BUILD_ARGS.join(" "));
-    for (what, untraced, traced, ratio) in [
-        ("wall time", &series[0], &series[1], wall_ratio),
-        (
-            "CPU time (user + sys, whole tree)",
-            &cpu[0],
-            &cpu[1],
-            cpu_ratio,
-        ),
+    for (what, series, ratio) in [
+        ("wall time", &wall, wall_ratio),
+        ("CPU time (user + sys, whole tree)", &cpu, cpu_ratio),
     ] {
         for (variant, series, versus) in [
-            (format!("untraced `{command}`"), untraced, "—".to_string()),
+            (format!("untraced `{command}`"), &series[0], "—".to_string()),
             (
                 format!("traced `tracer run -- {command}`"),
-                traced,
+                &series[1],
                 stats::percent_change(ratio.median),
             ),
         ] {
@@ -156,37 +167,72 @@ pub fn run(bins: &Bins, dir: &Path, reps: usize) -> Result<String> {
     } else {
         "over"
     };
-    let peak = Summary::of(&peaks);
-    let [peak_min, peak_median, peak_max] = peak.cells(stats::mib);
-    let exact = if all_exact {
+
+    let reports: Vec<&Report> = runs.series[1]
+        .iter()
+        .filter_map(|b| b.report.as_ref())
+        .chain(&warmup.report)
+        .collect();
+    let peaks: Vec<f64> = reports.iter().map(|r| r.peak_rss_bytes as f64).collect();
+    let [peak_min, peak_median, peak_max] = Summary::of(&peaks).cells(stats::mib);
+    let exact = if reports.iter().all(|r| r.exact) {
         "exact in every run"
     } else {
         "reported as inexact in at least one run"
     };
+
+    // What the events cost, from the counts of the warm-up and the per-event costs measured
+    // elsewhere: noise-free, unlike the timings.
+    let untraced_cpu = Summary::of(&cpu[0]).median;
+    let program_share = 100.0 * program.run_time_ns as f64 / 1e9 / untraced_cpu;
+    let estimate = match fault_cost_ns.filter(|&cost| cost > 0.0) {
+        Some(cost) => format!(
+            " With the {cost:.0} ns that tracking added per event in (a) (program and kernel \
+             tracepoint path), these events would cost {:.2} s, **{:.1}%** of the build's CPU \
+             time: the overhead to expect from them.",
+            program.runs as f64 * cost / 1e9,
+            100.0 * program.runs as f64 * cost / 1e9 / untraced_cpu,
+        ),
+        None => " (With the fault benchmark, which measures the whole cost of an event, this \
+                  would also estimate the kernel's part.)"
+            .to_string(),
+    };
+
     Ok(format!(
         "### (d) A real build\n\n\
          A Cargo project (`target/bench/realbuild`) depending on {direct}: {crates} crates from \
          crates.io, whose sources hold {total} `.rs` files; rustc reads {compiled} of them (per \
          its dep-info files). Each measured build is `{command}` from a fresh target directory \
          (removed, and the disk writes flushed, before the clock starts); wall time from spawn to \
-         reaping, CPU time from `wait4`. `cargo fetch` ran once before, and one untimed untraced \
-         build warmed the caches. N = {reps} interleaved repetitions.\n\n\
+         reaping, CPU time from `wait4`. `cargo fetch` ran once before, and an untimed traced \
+         build warmed the caches. N = {reps} interleaved repetitions{discarded}.\n\n\
          {table}\n\
          Overhead of tracing the build, wall time (median of per-repetition ratios): \
          **{overhead:+.1}%** (per repetition: {wall_min} to {wall_max}); {verdict} the \
          {TARGET_PERCENT:.0}% target. CPU time: {cpu_median} ({cpu_min} to {cpu_max}).\n\n\
          Peak RSS of the whole build tree (cargo, rustc, build scripts, linkers) as tracer \
-         reported it: median **{peak_median}** (min {peak_min}, max {peak_max}), {exact}.\n",
+         reported it: median **{peak_median}** (min {peak_min}, max {peak_max}; {peak_n} traced \
+         builds), {exact}.\n\n\
+         Event count (the warm-up build, with `--bpf-stats`; every `rss_stat` event on the host \
+         while it ran): tracer's `rss_stat` program ran {events} times ({per_cpu_second} per \
+         CPU-second of the build), {ns_per_run:.0} ns per run, {program_ms:.0} ms in all: \
+         {program_share:.2}% of the build's CPU time.{estimate}\n",
         direct = sources.direct_deps(),
         crates = sources.crates.len(),
         total = stats::count(sources.total as u64),
         compiled = stats::count(sources.compiled as u64),
+        discarded = runs.discarded_note(),
         table = table.markdown(),
         wall_min = stats::percent_change(wall_ratio.min),
         wall_max = stats::percent_change(wall_ratio.max),
         cpu_median = stats::percent_change(cpu_ratio.median),
         cpu_min = stats::percent_change(cpu_ratio.min),
         cpu_max = stats::percent_change(cpu_ratio.max),
+        peak_n = peaks.len(),
+        events = stats::count(program.runs),
+        per_cpu_second = stats::count((program.runs as f64 / untraced_cpu) as u64),
+        ns_per_run = program.ns_per_run(),
+        program_ms = program.run_time_ns as f64 / 1e6,
     ))
 }
 
@@ -200,15 +246,16 @@ fn cargo_program() -> Result<OsString> {
         .into_os_string())
 }
 
-/// One build from a fresh target dir; traced (writing tracer's JSON report to `report`) when
-/// `report` is given. cargo's output goes to `log`.
+/// One build from a fresh target dir; traced (with `tracer_flags`, which write tracer's JSON
+/// report to `report`) when they are given. cargo's and tracer's output goes to `log`.
 fn build(
     bins: &Bins,
     cargo: &OsString,
     dir: &Path,
     log: &Path,
-    report: Option<&Path>,
-) -> Result<Measured> {
+    tracer_flags: Option<&[&OsStr]>,
+    report: &Path,
+) -> Result<Build> {
     let target = dir.join("target");
     if target.exists() {
         std::fs::remove_dir_all(&target)
@@ -217,9 +264,9 @@ fn build(
     // The previous build's writes must not be written back during this one.
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    let mut cmd = match report {
-        Some(report) => {
-            let mut cmd = bins.tracer_run([Path::new("--json"), report]);
+    let mut cmd = match tracer_flags {
+        Some(flags) => {
+            let mut cmd = bins.tracer_run(flags);
             cmd.arg(cargo);
             cmd
         }
@@ -248,7 +295,15 @@ fn build(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    Ok(measured)
+    let report = match tracer_flags {
+        Some(_) => Some(process::read_report(report)?),
+        None => None,
+    };
+    Ok(Build {
+        wall: measured.wall.as_secs_f64(),
+        cpu: measured.cpu.as_secs_f64(),
+        report,
+    })
 }
 
 /// What the build compiled from crates.io, from rustc's dep-info (`.d`) files.
@@ -267,7 +322,10 @@ impl Sources {
         let release = target.join("release");
         // Libraries and proc macros in deps/, build scripts in build/<crate>-<hash>/.
         let mut dep_infos = files_with_extension(&release.join("deps"), "d")?;
-        for dir in std::fs::read_dir(release.join("build"))? {
+        let build_dir = release.join("build");
+        let listing = std::fs::read_dir(&build_dir)
+            .with_context(|| format!("listing {}", build_dir.display()))?;
+        for dir in listing {
             let dir = dir?.path();
             if dir.is_dir() {
                 dep_infos.extend(files_with_extension(&dir, "d")?);

@@ -12,14 +12,14 @@ const WARMUPS: usize = 1;
 const TARGET_MS: f64 = 30.0;
 
 pub fn run(bins: &Bins, reps: usize) -> Result<String> {
-    let mut detach = Vec::new();
-    let series = stats::interleaved(
+    // Per run: wall time, and how long tracer's background detacher outlived it.
+    let runs = stats::interleaved(
         "startup",
         &[(false, "true"), (true, "tracer run -- true")],
         WARMUPS,
         reps,
         false,
-        stats::millis,
+        |(wall, _): &(f64, f64)| stats::millis(*wall),
         |traced| {
             let mut cmd = if traced {
                 let mut cmd = bins.tracer_run::<&str>([]);
@@ -34,19 +34,16 @@ pub fn run(bins: &Bins, reps: usize) -> Result<String> {
             let wall = process::measure_ok(&mut cmd)?.wall;
             // Outside the timed region: tracer's background detacher, until it is gone.
             let detached = process::reap_orphans()?;
-            if traced {
-                detach.push(detached.as_secs_f64());
-            }
-            Ok(wall.as_secs_f64())
+            Ok((wall.as_secs_f64(), detached.as_secs_f64()))
         },
     )?;
-    let [plain, traced] = [&series[0], &series[1]];
-    // Every repetition (warm-ups first) ran the traced variant once.
-    let detach = Summary::of(&detach[WARMUPS..]);
-    let extra = Summary::of(&stats::paired(traced, plain, |t, p| t - p));
+    let plain = runs.column(0, |run| run.0);
+    let traced = runs.column(1, |run| run.0);
+    let detach = Summary::of(&runs.column(1, |run| run.1));
+    let extra = Summary::of(&stats::paired(&traced, &plain, |t, p| t - p));
 
     let mut table = Table::new(&["command", "min", "median", "max"]);
-    for (name, series) in [("`true`", plain), ("`tracer run -- true`", traced)] {
+    for (name, series) in [("`true`", &plain), ("`tracer run -- true`", &traced)] {
         let [min, median, max] = Summary::of(series).cells(stats::millis);
         table.row([name.to_string(), min, median, max]);
     }

@@ -1,6 +1,10 @@
 //! Interleaved repetitions, their summaries, and Markdown tables.
 
+use std::time::Instant;
+
 use anyhow::Result;
+
+use super::machine;
 
 /// min / median / max of `n` measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,42 +56,105 @@ fn rotated<V: Copy>(variants: &[V], rep: usize) -> Vec<V> {
         .collect()
 }
 
+/// The recorded values of [`interleaved`]: per variant (in the order given), one value per
+/// repetition, so that index `i` of every series comes from repetition `i`.
+pub struct Runs<T> {
+    pub series: Vec<Vec<T>>,
+    /// Repetitions thrown away because other work ran on the machine meanwhile.
+    pub discarded: usize,
+}
+
+impl<T> Runs<T> {
+    /// One number per repetition of variant `index`.
+    pub fn column(&self, index: usize, f: impl Fn(&T) -> f64) -> Vec<f64> {
+        self.series[index].iter().map(f).collect()
+    }
+
+    /// ` (plus 2 repetitions discarded: ...)` when some were, else nothing.
+    pub fn discarded_note(&self) -> String {
+        if self.discarded == 0 {
+            return String::new();
+        }
+        format!(
+            " ({} more discarded because other processes used over {:.0}% of a CPU meanwhile)",
+            self.discarded,
+            NOISY_CPUS * 100.0
+        )
+    }
+}
+
+/// Other processes' average CPU use during a repetition above which a guarded repetition is
+/// discarded, in CPUs.
+const NOISY_CPUS: f64 = 0.2;
+
 /// Runs `warmups` unrecorded repetitions, then `reps` recorded ones; every repetition measures
-/// each variant once, in rotating order, after waiting for the machine to be quiet when `settle`
-/// (worth its second or more only for long repetitions). Returns, per variant (in `variants` order), the values
-/// in repetition order, so that index `i` of every series comes from repetition `i`.
-pub fn interleaved<V: Copy>(
+/// each variant once, in rotating order. When `guarded` (worth it for repetitions of seconds),
+/// each repetition first waits for the machine to be quiet, and one during which other
+/// processes used more than [`NOISY_CPUS`] is discarded and run again, up to `reps / 3` times.
+pub fn interleaved<V: Copy, T>(
     what: &str,
     variants: &[(V, &str)],
     warmups: usize,
     reps: usize,
-    settle: bool,
-    format: impl Fn(f64) -> String,
-    mut measure: impl FnMut(V) -> Result<f64>,
-) -> Result<Vec<Vec<f64>>> {
-    let mut series = vec![Vec::with_capacity(reps); variants.len()];
+    guarded: bool,
+    format: impl Fn(&T) -> String,
+    mut measure: impl FnMut(V) -> Result<T>,
+) -> Result<Runs<T>> {
+    let mut runs = Runs {
+        series: (0..variants.len())
+            .map(|_| Vec::with_capacity(reps))
+            .collect(),
+        discarded: 0,
+    };
+    let max_discards = reps.div_ceil(3);
     let indices: Vec<usize> = (0..variants.len()).collect();
-    for rep in 0..warmups + reps {
-        let label = if rep < warmups {
+    let mut recorded = 0;
+    // Counts every repetition run, discarded ones too, so that the order keeps rotating.
+    for rep in 0.. {
+        if recorded == reps {
+            break;
+        }
+        let warmup = rep < warmups;
+        let label = if warmup {
             format!("warm-up {}/{warmups}", rep + 1)
         } else {
-            format!("repetition {}/{reps}", rep - warmups + 1)
+            format!("repetition {}/{reps}", recorded + 1)
         };
-        if settle {
-            super::machine::wait_for_quiet()?;
+        if guarded {
+            machine::wait_for_quiet()?;
         }
+        let cpu_before = machine::CpuUse::now()?;
+        let started = Instant::now();
+        let mut values: Vec<(usize, T)> = Vec::with_capacity(variants.len());
         let mut line = Vec::new();
         for i in rotated(&indices, rep) {
             let (variant, name) = variants[i];
             let value = measure(variant)?;
-            line.push(format!("{name} {}", format(value)));
-            if rep >= warmups {
-                series[i].push(value);
-            }
+            line.push(format!("{name} {}", format(&value)));
+            values.push((i, value));
         }
-        eprintln!("xtask: bench: {what}: {label}: {}", line.join(", "));
+        let others =
+            machine::CpuUse::now()?.others_since(&cpu_before) / started.elapsed().as_secs_f64();
+        let noisy = guarded && others > NOISY_CPUS;
+        let outcome = if warmup {
+            ""
+        } else if noisy && runs.discarded < max_discards {
+            runs.discarded += 1;
+            " [discarded]"
+        } else {
+            for (i, value) in values {
+                runs.series[i].push(value);
+            }
+            recorded += 1;
+            ""
+        };
+        eprintln!(
+            "xtask: bench: {what}: {label}: {}; others {:.0}% of a CPU{outcome}",
+            line.join(", "),
+            others * 100.0
+        );
     }
-    Ok(series)
+    Ok(runs)
 }
 
 /// A Markdown table: the first column left-aligned, the others right-aligned.
@@ -181,13 +248,13 @@ mod tests {
     #[test]
     fn interleaving_keeps_series_aligned() {
         let mut calls = Vec::new();
-        let series = interleaved(
+        let runs = interleaved(
             "t",
             &[('a', "a"), ('b', "b")],
             1,
             2,
             false,
-            |v| v.to_string(),
+            |v: &f64| v.to_string(),
             |v| {
                 calls.push(v);
                 Ok(if v == 'a' { 1.0 } else { 2.0 })
@@ -195,7 +262,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(calls, ['a', 'b', 'b', 'a', 'a', 'b']);
-        assert_eq!(series, [vec![1.0, 1.0], vec![2.0, 2.0]]);
+        assert_eq!(runs.series, [vec![1.0, 1.0], vec![2.0, 2.0]]);
+        assert_eq!(runs.discarded, 0);
     }
 
     #[test]

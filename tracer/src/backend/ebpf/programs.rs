@@ -31,26 +31,27 @@ const PROGRAMS: [(&str, &str, &str); 4] = [
 ];
 
 /// Programs needed only to split a runner's tree into tasks: where tasks start (exec, with the
-/// environment), and how their root processes end.
+/// environment; one program for both exec calls), and how their root processes end.
 const TASK_PROGRAMS: [(&str, &str, &str); 4] = [
     ("sys_enter_execve", "syscalls", "sys_enter_execve"),
-    ("sys_enter_execveat", "syscalls", "sys_enter_execveat"),
+    ("sys_enter_execve", "syscalls", "sys_enter_execveat"),
     ("sys_enter_exit_group", "syscalls", "sys_enter_exit_group"),
     ("signal_deliver", "signal", "signal_deliver"),
 ];
 
 /// Globals of the task programs, in the order `task_offsets` returns their values.
-const TASK_GLOBALS: [&str; 6] = [
+const TASK_GLOBALS: [&str; 7] = [
     format::GLOBAL_EXEC_FILENAME,
     format::GLOBAL_EXECVE_ENVP,
     format::GLOBAL_EXECVEAT_ENVP,
     format::GLOBAL_EXIT_GROUP_CODE,
     format::GLOBAL_SIGNAL_SIG,
     format::GLOBAL_SIGNAL_HANDLER,
+    format::GLOBAL_EXECVEAT_EVENT_ID,
 ];
 
-/// Field offsets the task programs read, from the format files.
-fn task_offsets(tracefs: &std::path::Path, exec: &tracefs::Format) -> Result<[u32; 6], LoadError> {
+/// Field offsets the task programs read, from the format files (and execveat's event id).
+fn task_offsets(tracefs: &std::path::Path, exec: &tracefs::Format) -> Result<[u32; 7], LoadError> {
     let execve = tracefs::format(tracefs, "syscalls", "sys_enter_execve")?;
     let execveat = tracefs::format(tracefs, "syscalls", "sys_enter_execveat")?;
     let exit_group = tracefs::format(tracefs, "syscalls", "sys_enter_exit_group")?;
@@ -62,6 +63,7 @@ fn task_offsets(tracefs: &std::path::Path, exec: &tracefs::Format) -> Result<[u3
         exit_group.offset("error_code", 8)?,
         signal.offset("sig", 4)?,
         signal.offset("sa_handler", 8)?,
+        execveat.id(),
     ]
     .map(|offset| offset as u32))
 }
@@ -157,7 +159,10 @@ fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<
         })?
         .try_into()
         .map_err(error)?;
-    tracepoint.load().map_err(error)?;
+    // A program may serve several tracepoints: load it once.
+    if tracepoint.fd().is_err() {
+        tracepoint.load().map_err(error)?;
+    }
     tracepoint.attach(category, name).map_err(error)?;
     Ok(())
 }
@@ -218,7 +223,7 @@ impl EbpfTracker {
         .map(|(name, offset)| (name, offset as u32));
         let task_offsets = match &task_rules {
             Some(_) => task_offsets(&tracefs, &exec)?,
-            None => [0; 6],
+            None => [0; 7],
         };
         let (marker, marker_mask, marker_len) = match &task_rules {
             Some(rules) => marker_words(&rules.marker)?,
