@@ -75,7 +75,7 @@ impl Plan {
                 faults: 15,
                 startup: 40,
                 memory: 3,
-                build: Some(3),
+                build: Some(6),
                 accuracy: 3,
             }
         }
