@@ -1,20 +1,12 @@
 //! `tracer run` as a user meets it: exit statuses, signals, stdio, the report, clear errors.
 
 mod common;
-use common::{ebpf_available, tracer, tracer_run};
+use common::{tracer, tracer_run};
 use std::{
     io::Write as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
-
-macro_rules! require_ebpf {
-    () => {
-        if !ebpf_available(module_path!()) {
-            return;
-        }
-    };
-}
 
 #[test]
 fn exit_code_passes_through_and_failure_is_marked() {

@@ -4,17 +4,9 @@
 //! barrier) and prints the sum: the oracle. Tolerance: `common::tolerance` (max(1%, 1 MiB)).
 
 mod common;
-use common::{assert_matches_oracle, ebpf_available, trace_workload, tracer_run, workload};
+use common::{assert_matches_oracle, trace_workload, tracer_run, workload};
 
 const MIB: u64 = 1 << 20;
-
-macro_rules! require_ebpf {
-    () => {
-        if !ebpf_available(module_path!()) {
-            return;
-        }
-    };
-}
 
 #[test]
 fn one_millisecond_spike_is_the_peak() {

@@ -2,7 +2,7 @@
 //! running, and nothing left in the kernel maps afterwards.
 
 mod common;
-use common::{assert_matches_oracle, ebpf_available, workload};
+use common::{assert_matches_oracle, workload};
 use std::{
     ffi::OsString,
     process::{Command, Stdio},
@@ -33,9 +33,7 @@ fn oracle_of(stdout: &[u8]) -> u64 {
 
 #[test]
 fn tracked_pid_tree_is_exact_and_leaves_no_map_entries() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let mut tracker = ebpf_tracker();
     assert_eq!(tracker.kernel_map_entries(), Some((0, 0)), "fresh maps");
     assert_eq!(
@@ -84,9 +82,7 @@ fn tracked_pid_tree_is_exact_and_leaves_no_map_entries() {
 
 #[test]
 fn runs_in_one_tracker_are_independent() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let mut tracker = ebpf_tracker();
     let oracle_file =
         std::env::temp_dir().join(format!("tracer-lib-oracle-{}", std::process::id()));
@@ -116,9 +112,7 @@ fn runs_in_one_tracker_are_independent() {
 
 #[test]
 fn memory_held_before_tracking_starts_is_counted_once() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let mut tracker = ebpf_tracker();
     // The workload maps and touches 120 MiB at once, then holds it: start tracking while it holds.
     let child = Command::new(workload())
@@ -149,9 +143,7 @@ fn memory_held_before_tracking_starts_is_counted_once() {
 
 #[test]
 fn descendants_left_running_are_removed_from_the_maps() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let mut tracker = ebpf_tracker();
     // The shell exits at once, leaving a background sleep (and its address space) behind.
     let command: Vec<OsString> = ["sh", "-c", "sleep 2 & exit 0"]

@@ -7,15 +7,13 @@
 //! `tests/nx-workspace`) and names it in TRACER_NX_WORKSPACE.
 
 mod common;
-use common::{assert_matches_oracle, ebpf_available, tracer, workload};
+use common::{assert_matches_oracle, tracer, workload};
 use serde_json::Value;
 use std::{collections::HashMap, process::Command};
 
 #[test]
 fn nx_run_many_reports_each_task_in_nx_terms() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let Some(workspace) = std::env::var_os("TRACER_NX_WORKSPACE") else {
         assert!(
             std::env::var("TRACER_REQUIRE_EBPF").as_deref() != Ok("1"),

@@ -6,7 +6,7 @@
 //! lower bound of the tree's peak.
 
 mod common;
-use common::{ebpf_available, trace_workload_with};
+use common::trace_workload_with;
 
 const SPIKY: [&[&str]; 4] = [
     &[
@@ -25,9 +25,7 @@ const SPIKY: [&[&str]; 4] = [
 
 #[test]
 fn spiky_trees_ebpf_exact_poll_with_its_error() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     for args in SPIKY {
         let name = args.join(" ");
         let ebpf = trace_workload_with(&["--backend", "ebpf"], args);

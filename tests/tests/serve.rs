@@ -1,7 +1,7 @@
 //! `tracer serve`: authorisation from the peer's credentials, many clients at once.
 
 mod common;
-use common::{ebpf_available, tracer, workload};
+use common::{tracer, workload};
 use serde_json::Value;
 use std::{
     path::{Path, PathBuf},
@@ -52,19 +52,26 @@ impl Drop for Server {
 
 /// Sends `lines` on one connection as uid/gid 65534 (nobody/nogroup), returns the answers.
 fn request_as_nobody(socket: &Path, lines: &[String]) -> Vec<Value> {
-    let output = Command::new("setpriv")
+    let mut command = Command::new("setpriv");
+    command
         .args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .arg(workload())
+        .arg(workload());
+    request(command, socket, lines)
+}
+
+/// Runs `workload request` (as `command` says) on one connection, returns the answers.
+fn request(mut command: Command, socket: &Path, lines: &[String]) -> Vec<Value> {
+    let output = command
         .args(["request", "--socket"])
         .arg(socket)
         .args(lines)
         .output()
-        .expect("setpriv");
+        .unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -82,9 +89,7 @@ fn line(op: &str, pid: u32) -> String {
 
 #[test]
 fn a_client_may_track_only_its_own_processes() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let server = Server::start("auth");
     let socket_mode = std::fs::metadata(&server.socket).unwrap();
     assert_eq!(
@@ -131,9 +136,7 @@ fn a_client_may_track_only_its_own_processes() {
 
 #[test]
 fn a_bad_line_gets_an_error_and_the_connection_goes_on() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let server = Server::start("bad-line");
     let mut held = Command::new(workload())
         .args(["hold", "--mib", "32", "--hold-ms", "300"])
@@ -166,28 +169,12 @@ fn a_bad_line_gets_an_error_and_the_connection_goes_on() {
 }
 
 fn request_as_root(socket: &Path, lines: &[String]) -> Vec<Value> {
-    let output = Command::new(workload())
-        .args(["request", "--socket"])
-        .arg(socket)
-        .args(lines)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    request(Command::new(workload()), socket, lines)
 }
 
 #[test]
 fn a_hundred_concurrent_clients() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let server = Server::start("hundred");
     let socket = server.socket.clone();
     // Each client tracks its own workload holding a size of its own, from start to stop.

@@ -4,7 +4,7 @@
 //! workload, so the task's root process is the workload itself and its oracle is the task's truth.
 
 mod common;
-use common::{assert_matches_oracle, ebpf_available, tracer, workload};
+use common::{assert_matches_oracle, tracer, workload};
 use serde_json::Value;
 use std::{
     collections::HashMap,
@@ -77,9 +77,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn run_tasks_reports_every_make_recipe_with_its_own_peak() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let dir = temp_dir("make-run");
     let sizes = [40, 120, 64, 200];
     let makefile = makefile(&dir, &sizes, true, false);
@@ -142,9 +140,7 @@ fn run_tasks_reports_every_make_recipe_with_its_own_peak() {
 
 #[test]
 fn attach_to_make_reports_every_task_then_the_whole_tree() {
-    if !ebpf_available(module_path!()) {
-        return;
-    }
+    require_ebpf!();
     let dir = temp_dir("make-attach");
     let sizes = [48, 96, 150];
     let makefile = makefile(&dir, &sizes, false, true);

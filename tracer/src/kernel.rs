@@ -49,13 +49,17 @@ pub fn parse_version(release: &str) -> (u32, u32) {
     }
 }
 
-/// Tracepoints report host pids, while `fork()` returns pids of our own namespace: both must agree.
-pub fn check_host_pid_namespace() -> Result<(), LoadError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| LoadError::Io {
+/// This process's `/proc/self/status`.
+fn own_status() -> Result<String, LoadError> {
+    std::fs::read_to_string("/proc/self/status").map_err(|source| LoadError::Io {
         what: "reading /proc/self/status".to_string(),
         source,
-    })?;
-    let levels = status
+    })
+}
+
+/// Tracepoints report host pids, while `fork()` returns pids of our own namespace: both must agree.
+pub fn check_host_pid_namespace() -> Result<(), LoadError> {
+    let levels = own_status()?
         .lines()
         .find_map(|line| line.strip_prefix("NSpid:"))
         .map_or(1, |pids| pids.split_whitespace().count());
@@ -71,11 +75,7 @@ const CAP_BPF: u32 = 39;
 
 /// Checks the effective capabilities before trying to load, to name what is missing.
 pub fn check_privileges() -> Result<(), LoadError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| LoadError::Io {
-        what: "reading /proc/self/status".to_string(),
-        source,
-    })?;
-    let effective = status
+    let effective = own_status()?
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())

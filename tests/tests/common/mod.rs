@@ -60,6 +60,16 @@ pub fn ebpf_available(test: &str) -> bool {
     false
 }
 
+/// Returns from the test when eBPF cannot run here (a failure instead with TRACER_REQUIRE_EBPF=1).
+#[macro_export]
+macro_rules! require_ebpf {
+    () => {
+        if !common::ebpf_available(module_path!()) {
+            return;
+        }
+    };
+}
+
 /// One `tracer run --json` of a command: tracer's report, the command's stdout, the raw output.
 pub struct Traced {
     pub report: Value,
