@@ -170,7 +170,8 @@ pub struct TreeState {
     pub signal: i32,
 }
 
-/// Indices of the per-CPU `COUNTERS` array: things that can make a result wrong, and statistics.
+/// Indices of the per-CPU `COUNTERS` array: things that can make a result wrong. (How many events
+/// the programs handled, the kernel counts itself: see `tracer run --bpf-stats`.)
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -193,12 +194,10 @@ pub enum Counter {
     NoTaskSlot = 7,
     /// The task-event ring buffer was full: a task start or end was not reported.
     EventsLost = 8,
-    /// `rss_stat` events applied to a tracked tree (statistic, not an error).
-    EventsApplied = 9,
 }
 
 /// Number of `COUNTERS` entries.
-pub const NR_COUNTERS: u32 = 10;
+pub const NR_COUNTERS: u32 = 9;
 
 impl Counter {
     /// Every counter, in index order.
@@ -212,13 +211,7 @@ impl Counter {
         Counter::BadTreeSlot,
         Counter::NoTaskSlot,
         Counter::EventsLost,
-        Counter::EventsApplied,
     ];
-
-    /// Whether a change of this counter during a run means the run's numbers may be wrong.
-    pub const fn makes_inexact(self) -> bool {
-        !matches!(self, Counter::EventsApplied)
-    }
 
     /// Stable machine name used in reports (`inexact_reasons`).
     pub const fn name(self) -> &'static str {
@@ -232,7 +225,6 @@ impl Counter {
             Counter::BadTreeSlot => "bad_tree_slot",
             Counter::NoTaskSlot => "no_task_slot",
             Counter::EventsLost => "task_events_lost",
-            Counter::EventsApplied => "events_applied",
         }
     }
 }

@@ -153,7 +153,6 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
             parent = unsafe { (*ancestor).parent };
         }
     }
-    count(Counter::EventsApplied);
     if outcome.0 & !Outcome::NEW_PEAK != 0 {
         note_outcome(outcome, mm_id);
     }

@@ -377,7 +377,7 @@ impl EbpfTracker {
             ));
         }
         let now = self.counter_totals();
-        for counter in Counter::ALL.into_iter().filter(|c| c.makes_inexact()) {
+        for counter in Counter::ALL {
             let moved = now[counter as usize] - active.counters_at_start[counter as usize];
             if moved > 0 {
                 reasons.push(format!(
