@@ -413,17 +413,7 @@ impl EbpfTracker {
         }
         let mut sample = self.peek(id)?;
         let slot = id.0;
-        let leftover_tasks: Vec<u32> = self
-            .tasks
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, task)| task.tree == slot)
-            .map(|(tid, _)| tid)
-            .collect();
-        for tid in &leftover_tasks {
-            // A task may exit (and remove itself) between the scan and here.
-            let _ = self.tasks.remove(tid);
-        }
+        let leftover_tasks = remove_where(&mut self.tasks, |task| task.tree == slot);
         sample.processes += leftover_tasks
             .iter()
             .filter(|&&tid| proc::is_process_leader(tid))
@@ -438,16 +428,7 @@ impl EbpfTracker {
         {
             parent.nested_processes += sample.processes;
         }
-        let leftover_mms: Vec<u32> = self
-            .mms
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, mm)| mm.tree == slot)
-            .map(|(mm_id, _)| mm_id)
-            .collect();
-        for mm_id in &leftover_mms {
-            let _ = self.mms.remove(mm_id);
-        }
+        let leftover_mms = remove_where(&mut self.mms, |mm| mm.tree == slot);
         sample.leftover_mms = leftover_mms.len() as u64;
         let seeded = self
             .active
@@ -496,6 +477,24 @@ impl EbpfTracker {
         }
         totals
     }
+}
+
+/// Removes the entries whose value matches, returns their keys. The kernel side may remove one
+/// itself between the scan and the removal (a task exits, an mm is torn down): that is fine.
+fn remove_where<V: aya::Pod>(
+    map: &mut HashMap<MapData, u32, V>,
+    matches: impl Fn(&V) -> bool,
+) -> Vec<u32> {
+    let keys: Vec<u32> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, value)| matches(value))
+        .map(|(key, _)| key)
+        .collect();
+    for key in &keys {
+        let _ = map.remove(key);
+    }
+    keys
 }
 
 fn sample(tree: &TreeState, inexact_reasons: Vec<String>) -> TreeSample {
